@@ -1,0 +1,1 @@
+"""Prometheus exporters written for labkit (see docs/monitoring.md)."""

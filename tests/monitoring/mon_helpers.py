@@ -1,0 +1,91 @@
+"""Shared helpers for the monitoring tests: repo paths, free ports, child processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+MONITORING = REPO / "monitoring"
+RULES_DIR = MONITORING / "prometheus" / "rules"
+PROMTOOL_TESTS_DIR = MONITORING / "prometheus" / "tests"
+ALERTMANAGER_DIR = MONITORING / "alertmanager"
+DASHBOARDS_DIR = MONITORING / "grafana" / "dashboards"
+RUNBOOKS_DIR = REPO / "docs" / "runbooks"
+EXPORTERS_SRC = MONITORING / "exporters"
+
+T = TypeVar("T")
+
+
+def need_binary(*names: str) -> str:
+    """Path of the first binary found, or skip the test (CI installs them, see docs/monitoring.md)."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip(f"{' / '.join(names)} not installed (apt: prometheus, prometheus-alertmanager, ...)")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    check: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.1, what: str = ""
+) -> T:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except (requests.RequestException, OSError, ValueError, KeyError) as exc:
+            last_exc = exc
+            result = None
+        if result is not None and result is not False:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what or check!r} (last error: {last_exc})")
+
+
+def http_ok(url: str) -> bool | None:
+    resp = requests.get(url, timeout=2)
+    return True if resp.status_code == 200 else None
+
+
+@contextlib.contextmanager
+def running(
+    cmd: Sequence[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` for the duration of the block; stop it (SIGTERM, then SIGKILL) afterwards."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def exporter_env() -> dict[str, str]:
+    """Environment to run labkit_exporters from the source tree (installed or not)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXPORTERS_SRC), env.get("PYTHONPATH", "")]))
+    return env
