@@ -1,0 +1,318 @@
+"""labq: the command-line client. Imports are lazy so that ``labq --help`` answers quickly."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+# Exit codes (documented in docs/job-queue.md).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2  # bad arguments or a request the daemon refused as invalid
+EXIT_NOT_FOUND = 3
+EXIT_PERMISSION = 4
+EXIT_CONFLICT = 5
+EXIT_UNREACHABLE = 6
+
+_CODE_EXIT = {
+    "invalid_request": EXIT_USAGE,
+    "unsupported_version": EXIT_USAGE,
+    "not_found": EXIT_NOT_FOUND,
+    "permission_denied": EXIT_PERMISSION,
+    "conflict": EXIT_CONFLICT,
+}
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="labq", description="Submit and manage GPU jobs on this node.")
+    p.add_argument("--socket", help="daemon socket (default: $LABQ_SOCKET, the config's socket, "
+                                    "/run/labq/labq.sock)")
+    p.add_argument("--config", help="config file to read the socket path from")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("submit", help="queue a container run and print its job id",
+                       usage="labq submit --gpus N [options] -- CMD [ARGS...]")
+    s.add_argument("--gpus", type=int, required=True, help="number of GPUs (0 for CPU-only)")
+    s.add_argument("--image", help="container image (default: the node's default_image)")
+    s.add_argument("--name", help="job name (default: the program name)")
+    s.add_argument("--time", help="time limit, e.g. 30m, 4h, 1h30m, 2d (needed to be backfilled)")
+    s.add_argument("--cpus", type=float, help="CPUs to reserve")
+    s.add_argument("--mem", help="memory to reserve and limit, e.g. 16g")
+    s.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable")
+    s.add_argument("--mount", action="append", default=[], metavar="NAME", help="mount from the allow-list")
+    s.add_argument("--after", type=int, metavar="ID", help="start only after job ID succeeded")
+    s.add_argument("--priority", type=int, default=0, help="priority (> 0 for admins only)")
+    s.add_argument("--array", metavar="A-B[%N]", help="job array, e.g. 0-15%%4")
+    s.add_argument("--hold", action="store_true", help="submit held (start after `labq release`)")
+    s.add_argument("--host-network", action="store_true", help="use the host network (if policy allows)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    ls = sub.add_parser("ls", help="list pending and running jobs")
+    ls.add_argument("--user", "-u")
+    ls.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="show one job")
+    show.add_argument("id", type=int)
+    show.add_argument("--json", action="store_true")
+    logs = sub.add_parser("logs", help="print a job's output")
+    logs.add_argument("id", type=int)
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    for name, text in (("cancel", "cancel jobs"), ("hold", "hold pending jobs"),
+                       ("release", "release held jobs")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("ids", type=int, nargs="+", metavar="ID")
+    g = sub.add_parser("gpus", help="show each GPU: free, its job, or a foreign process")
+    g.add_argument("--json", action="store_true")
+    h = sub.add_parser("history", help="list finished jobs")
+    h.add_argument("--user", "-u")
+    h.add_argument("--limit", "-n", type=int, default=50)
+    h.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except CliError as exc:
+        print(f"labq: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .client import Client, DaemonUnreachable, RequestFailed, socket_path
+
+    path = socket_path(args.socket, args.config)
+    try:
+        request = _build_request(args)
+        client = Client(path)
+        try:
+            return _COMMANDS[args.cmd](client, args, request)
+        finally:
+            client.close()
+    except DaemonUnreachable as exc:
+        raise CliError(str(exc), EXIT_UNREACHABLE) from exc
+    except RequestFailed as exc:
+        raise CliError(exc.message, _CODE_EXIT.get(exc.code, EXIT_ERROR)) from exc
+
+
+def _build_request(args: argparse.Namespace) -> dict[str, Any]:
+    if args.cmd != "submit":
+        return {}
+    from pathlib import Path
+
+    from .durations import DurationError, SizeError, parse_duration, parse_size
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise CliError("submit: no command given (use: labq submit --gpus N -- CMD ARGS)", EXIT_USAGE)
+    req: dict[str, Any] = {"command": command, "gpus": args.gpus, "priority": args.priority}
+    try:
+        req["cwd"] = str(Path.cwd())
+    except OSError:
+        req["cwd"] = str(Path.home())
+    for key in ("image", "name", "cpus", "after", "array"):
+        if getattr(args, key) is not None:
+            req[key] = getattr(args, key)
+    try:
+        if args.time is not None:
+            req["time_limit"] = parse_duration(args.time)
+        if args.mem is not None:
+            req["mem"] = parse_size(args.mem)
+    except (DurationError, SizeError) as exc:
+        raise CliError(f"{'time' if isinstance(exc, DurationError) else 'mem'}: {exc}", EXIT_USAGE) from exc
+    env: dict[str, str] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"env: '{item}' is not K=V", EXIT_USAGE)
+        env[key] = value
+    if env:
+        req["env"] = env
+    if args.mount:
+        req["mounts"] = args.mount
+    if args.hold:
+        req["hold"] = True
+    if args.host_network:
+        req["host_network"] = True
+    return req
+
+
+def _print_json(data: Any) -> None:
+    import json
+
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def cmd_submit(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
+    res = client.call("submit", **req)
+    if args.json:
+        _print_json(res)
+    elif res.get("array_id") is not None:
+        ids = res["ids"]
+        print(f"{ids[0]} (array of {len(ids)} jobs: {ids[0]}-{ids[-1]})")
+    else:
+        print(res["ids"][0])
+    return EXIT_OK
+
+
+def _elapsed(job: dict[str, Any], now: float) -> float:
+    if job["state"] in ("running", "starting") and job.get("start_time"):
+        return now - float(job["start_time"])
+    if job.get("end_time") and job.get("start_time"):
+        return float(job["end_time"]) - float(job["start_time"])
+    return now - float(job["submit_time"])
+
+
+def _table(jobs: list[dict[str, Any]], now: float, finished: bool = False) -> None:
+    from .durations import format_duration
+
+    head = ("ID", "USER", "STATE", "GPUS", "RUN TIME" if finished else "TIME", "NAME",
+            "EXIT" if finished else "REASON")
+    rows = [head]
+    for j in jobs:
+        name = j["name"] if j.get("array_index") is None else f"{j['name']}[{j['array_index']}]"
+        last = (str(j["exit_code"]) if j.get("exit_code") is not None else "-") if finished else (
+            j.get("reason") or "")
+        if finished and j.get("reason"):
+            last = f"{last} {j['reason']}"
+        rows.append((str(j["id"]), j["user"], j["state"].upper(), str(j["gpus"]),
+                     format_duration(_elapsed(j, now)), name, last))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+    out = [" ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + " " + r[-1] for r in rows]
+    sys.stdout.write("\n".join(line.rstrip() for line in out) + "\n")
+
+
+def cmd_ls(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
+    res = client.call("ls", user=args.user)
+    if args.json:
+        _print_json(res["jobs"])
+    else:
+        _table(res["jobs"], res["now"])
+    return EXIT_OK
+
+
+def cmd_history(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
+    res = client.call("history", user=args.user, limit=args.limit)
+    if args.json:
+        _print_json(res["jobs"])
+    else:
+        _table(res["jobs"], res["now"], finished=True)
+    return EXIT_OK
+
+
+def cmd_show(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
+    import shlex
+    import time
+
+    from .durations import format_duration
+
+    job = client.call("show", id=args.id)
+    if args.json:
+        _print_json(job)
+        return EXIT_OK
+
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+    fields = [
+        ("id", job["id"]), ("name", job["name"]), ("user", job["user"]), ("state", job["state"]),
+        ("reason", job["reason"] or "-"), ("image", job["image"]),
+        ("command", shlex.join(job["command"])), ("cwd", job["cwd"]),
+        ("gpus", f"{job['gpus']} {','.join(job['assigned_gpus'])}".strip()),
+        ("cpus", job["cpus"] or "-"), ("mem", job["mem"] or "-"),
+        ("time limit", format_duration(job["time_limit"]) if job["time_limit"] else "-"),
+        ("priority", job["priority"]), ("after", job["after"] or "-"),
+        ("array", f"{job['array_id']}[{job['array_index']}]" if job["array_index"] is not None else "-"),
+        ("mounts", ",".join(job["mounts"]) or "-"),
+        ("submitted", when(job["submit_time"])), ("started", when(job["start_time"])),
+        ("ended", when(job["end_time"])),
+        ("run time", format_duration(_elapsed(job, job["now"])) if job["start_time"] else "-"),
+        ("exit code", "-" if job["exit_code"] is None else job["exit_code"]),
+        ("oom killed", "yes" if job["oom_killed"] else "no"), ("log", job["log"]),
+    ]
+    for key, value in fields:
+        print(f"{key + ':':<12} {value}")
+    return EXIT_OK
+
+
+def cmd_logs(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
+    import base64
+    import time
+
+    offset = 0
+    out = sys.stdout.buffer
+    while True:
+        res = client.call("logs", id=args.id, offset=offset)
+        data = base64.b64decode(res["data"])
+        if data:
+            out.write(data)
+            out.flush()
+        offset = res["offset"]
+        if not res["eof"]:
+            continue
+        if not args.follow or res["state"] in ("succeeded", "failed", "cancelled", "timeout"):
+            return EXIT_OK
+        time.sleep(0.5)  # client-side follow; the daemon itself never polls
+
+
+Command = Callable[[Any, argparse.Namespace, dict[str, Any]], int]
+
+
+def _ids_command(op: str) -> Command:
+    def run(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
+        res = client.call(op, ids=args.ids)
+        if op == "cancel":
+            for item in res["jobs"]:
+                print(f"{item['id']}: {item['result']}")
+        else:
+            for job_id in res["ids"]:
+                print(f"{job_id}: {'held' if op == 'hold' else 'released'}")
+        return EXIT_OK
+
+    return run
+
+
+def cmd_gpus(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
+    res = client.call("gpus")
+    if args.json:
+        _print_json(res["gpus"])
+        return EXIT_OK
+    for g in res["gpus"]:
+        if g["state"] == "job":
+            what = f"job {g['job']} ({g['user']})"
+        elif g["state"] == "foreign":
+            procs = ", ".join(
+                f"pid {p['pid']} of {p['user']}"
+                + (f" {p['memory_bytes'] // 2**20} MiB" if p["memory_bytes"] is not None else "")
+                for p in g["foreign"])
+            what = f"BUSY outside labq: {procs}"
+        else:
+            what = "free"
+        print(f"{g['index']:<3} {g['id']:<40} {what}")
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Command] = {
+    "submit": cmd_submit, "ls": cmd_ls, "show": cmd_show, "logs": cmd_logs, "gpus": cmd_gpus,
+    "history": cmd_history, "cancel": _ids_command("cancel"), "hold": _ids_command("hold"),
+    "release": _ids_command("release"),
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

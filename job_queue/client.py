@@ -1,0 +1,73 @@
+"""A minimal blocking client for the labq socket protocol (stdlib only, imported lazily by the CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, SOCKET_ENV
+from .protocol import PROTOCOL_VERSION
+
+
+class DaemonUnreachable(Exception):
+    pass
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def socket_path(explicit_socket: str | None, explicit_config: str | None) -> str:
+    """--socket, then $LABQ_SOCKET, then the config file's ``socket``, then the default."""
+    if explicit_socket:
+        return explicit_socket
+    if os.environ.get(SOCKET_ENV):
+        return os.environ[SOCKET_ENV]
+    cfg = explicit_config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+    try:
+        import tomllib
+
+        with open(cfg, "rb") as fh:  # noqa: PTH123 - keep imports minimal for CLI start-up
+            value = tomllib.load(fh).get("socket")
+        if isinstance(value, str):
+            return value
+    except (OSError, ValueError):
+        pass
+    return DEFAULT_SOCKET
+
+
+class Client:
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            raise DaemonUnreachable(f"cannot reach labqd at {path}: {exc.strerror or exc}") from exc
+        self.rfile = self.sock.makefile("rb")
+
+    def call(self, op: str, **fields: Any) -> Any:
+        msg = {"v": PROTOCOL_VERSION, "op": op, **fields}
+        try:
+            self.sock.sendall(json.dumps(msg).encode() + b"\n")
+            line = self.rfile.readline()
+        except OSError as exc:
+            raise DaemonUnreachable(f"lost connection to labqd at {self.path}: {exc}") from exc
+        if not line:
+            raise DaemonUnreachable(f"labqd at {self.path} closed the connection")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise RequestFailed(str(err.get("code", "internal")), str(err.get("message", "unknown error")))
+        return reply.get("result")
+
+    def close(self) -> None:
+        self.rfile.close()
+        self.sock.close()

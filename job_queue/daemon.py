@@ -1,0 +1,367 @@
+"""labqd: the per-node daemon. Main loop, crash recovery (re-adoption by label), signal handling.
+
+The loop blocks on a queue fed by Docker die events, log-stream ends and API requests; it never
+sleep-polls. Its only timer is the next job time-limit deadline (and, on NVML nodes with a GPU
+blocked by a foreign process, a slow re-read of NVML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .api import ApiServer
+from .config import Config, ConfigError, load_config
+from .gpus import GpuInfo, Inventory, make_inventory
+from .models import Job, JobState, StopReason
+from .runtime import ContainerInfo, DockerRuntime, RuntimeError_
+from .scheduler import Policy, schedule
+from .service import Service, log_path
+from .store import SqliteStore
+
+log = logging.getLogger("labqd")
+
+Message = tuple[Any, ...]
+
+
+class Daemon:
+    def __init__(self, cfg: Config, store: SqliteStore, runtime: DockerRuntime, inventory: Inventory,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.runtime = runtime
+        self.inventory = inventory
+        self.clock = clock
+        self.queue: queue.Queue[Message] = queue.Queue()
+        self._stopping = False
+        self.next_deadline: float | None = None
+        self._pumps: dict[int, threading.Thread] = {}
+        self._pump_lock = threading.Lock()
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="labq-worker")
+        self._gpus: list[GpuInfo] = inventory.snapshot(())
+        self._gpus_read = clock()
+        self.service = Service(cfg, store, self, clock)
+        self.policy = Policy(max_gpus_per_user=cfg.max_gpus_per_user, node_cpus=cfg.effective_cpus(),
+                             node_mem=cfg.effective_mem())
+        self.api: ApiServer | None = None
+
+    # ------------------------------------------------------------ Backend for the service
+    def wake(self) -> None:
+        self.queue.put(("wake",))
+
+    def request_stop(self, job_id: int) -> None:
+        self._workers.submit(self._stop, job_id)
+
+    def image_exists(self, image: str) -> bool:
+        return self.runtime.image_exists(image)
+
+    def gpu_ids(self) -> list[str]:
+        return [g.id for g in self._gpus]
+
+    def gpu_report(self) -> list[dict[str, Any]]:
+        by_gpu: dict[str, Job] = {}
+        for active in self.store.active_jobs():
+            for gid in active.assigned_gpus:
+                by_gpu[gid] = active
+        out = []
+        for g in self._gpus:
+            job = by_gpu.get(g.id)
+            state = "job" if job else ("foreign" if g.foreign else "free")
+            out.append({
+                "index": g.index, "id": g.id, "name": g.name, "memory_total": g.memory_total, "state": state,
+                "job": job.id if job else None, "user": job.user if job else None,
+                "foreign": [{"pid": p.pid, "user": p.user, "memory_bytes": p.memory_bytes}
+                            for p in g.foreign],
+            })
+        return out
+
+    # ------------------------------------------------------------ main loop
+    def handle_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Only sets a flag and wakes the loop (from a helper thread: Queue.put is not reentrant)."""
+        self._stopping = True
+        threading.Thread(target=self.wake, daemon=True).start()
+
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def run(self) -> None:
+        subscribed = threading.Event()
+        threading.Thread(target=self._events_loop, args=(subscribed,), name="labq-events",
+                         daemon=True).start()
+        subscribed.wait(30)
+        self.reconcile()
+        self.api = ApiServer(self.cfg.socket_path, self.service)
+        self.api.serve_in_thread()
+        log.info("labqd listening on %s", self.cfg.socket_path)
+        self.schedule_pass()
+        while not self.stopping():
+            try:
+                msgs = [self.queue.get(timeout=self._timeout())]
+            except queue.Empty:
+                msgs = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    msgs.append(self.queue.get_nowait())
+            if self.stopping():
+                break
+            try:
+                for msg in msgs:
+                    if msg[0] == "die":
+                        self.on_exit(msg[1], msg[2])
+                    elif msg[0] == "reconcile":
+                        self.reconcile()
+                self.schedule_pass()
+            except Exception:
+                log.exception("error in main loop; continuing")
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Drain: stop listening, leave running containers running, close the store."""
+        log.info("labqd stopping; running containers keep running")
+        if self.api is not None:
+            self.api.close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    def _timeout(self) -> float | None:
+        now = self.clock()
+        waits = []
+        if self.next_deadline is not None:
+            waits.append(max(0.0, self.next_deadline - now) + 0.01)
+        if not self.inventory.fake and any(g.foreign for g in self._gpus):
+            waits.append(max(0.0, self._gpus_read + self.cfg.foreign_refresh_s - now))
+        return min(waits) if waits else None
+
+    def _events_loop(self, subscribed: threading.Event) -> None:
+        while not self.stopping():
+            try:
+                events = self.runtime.events()
+                subscribed.set()
+                for cid, job_id in events:
+                    self.queue.put(("die", cid, job_id))
+            except Exception:
+                log.exception("docker event stream failed; reconnecting")
+            if self.stopping():
+                return
+            time.sleep(1)  # back-off before reconnecting to dockerd, then catch up
+            self.queue.put(("reconcile",))
+
+    # ------------------------------------------------------------ scheduling
+    def _refresh_gpus(self, jobs: list[Job]) -> None:
+        if self.inventory.fake:
+            return
+        own = [j.container_id for j in jobs if j.container_id]
+        try:
+            self._gpus = self.inventory.snapshot(own)
+            self._gpus_read = self.clock()
+        except Exception:
+            log.exception("NVML read failed; keeping the previous inventory")
+
+    def schedule_pass(self) -> None:
+        for _ in range(100):  # a cancellation can make dependants fail in turn
+            jobs = self.store.active_jobs()
+            self._refresh_gpus(jobs)
+            deps = self.store.states(j.spec.after for j in jobs if j.spec.after is not None)
+            unavailable = {g.id: "; ".join(p.describe() for p in g.foreign) for g in self._gpus if g.foreign}
+            now = self.clock()
+            d = schedule(jobs, [g.id for g in self._gpus], self.policy, now, deps, unavailable)
+            self.next_deadline = d.next_deadline
+            by_id = {j.id: j for j in jobs}
+            with self.store.tx():
+                for job_id, reason in d.reasons.items():
+                    if by_id[job_id].reason != reason:
+                        self.store.update(job_id, reason=reason)
+                for job_id, reason in d.cancels:
+                    self.store.transition(job_id, [JobState.PENDING], state=JobState.CANCELLED,
+                                          reason=reason, end_time=now)
+            for job_id in d.timeouts:
+                if self.store.transition(job_id, [JobState.RUNNING], stop_reason=StopReason.TIME_LIMIT,
+                                         reason="TimeLimit"):
+                    self.request_stop(job_id)
+            for job_id, gpus in d.starts:
+                self.start_job(job_id, gpus)
+            if not d.cancels:
+                return
+
+    def start_job(self, job_id: int, gpus: list[str]) -> None:
+        # Recorded as starting (with its GPUs) before the container is created.
+        if not self.store.mark_starting(job_id, gpus, self.clock()):
+            return
+        job = self.store.get(job_id)
+        assert job is not None
+        self._create(job)
+
+    def _create(self, job: Job) -> None:
+        try:
+            cid = self.runtime.create_and_start(job)
+        except RuntimeError_ as exc:
+            self.store.update(job.id, state=JobState.FAILED, reason=str(exc), end_time=self.clock())
+            return
+        except Exception:
+            log.exception("job %d: docker unreachable; will resume the start on reconcile", job.id)
+            return
+        self.store.transition(job.id, [JobState.STARTING], state=JobState.RUNNING, container_id=cid)
+        job.container_id = cid
+        self._pump(job, cid)
+        fresh = self.store.get(job.id)
+        if fresh is not None and fresh.stop_reason is not None:
+            self.request_stop(job.id)
+
+    def _pump(self, job: Job, cid: str) -> None:
+        """Follow the container's output into the job's log file; report the exit when it ends."""
+        with self._pump_lock:
+            t = self._pumps.get(job.id)
+            if t is not None and t.is_alive():
+                return
+
+            def run() -> None:
+                try:
+                    self.runtime.write_logs(cid, log_path(self.cfg, job.id), job.spec.uid, job.spec.gid, True)
+                except Exception:
+                    log.exception("job %d: log stream failed", job.id)
+                self.queue.put(("die", cid, job.id))
+
+            t = threading.Thread(target=run, name=f"labq-log-{job.id}", daemon=True)
+            self._pumps[job.id] = t
+            t.start()
+
+    def _stop(self, job_id: int) -> None:
+        job = self.store.get(job_id)
+        if job is None or job.container_id is None or job.state.final:
+            return
+        try:
+            self.runtime.stop(job.container_id, self.cfg.kill_grace)
+        except Exception:
+            log.exception("job %d: stop failed", job_id)
+
+    def _remove_later(self, job_id: int, cid: str) -> None:
+        def run() -> None:
+            t = self._pumps.get(job_id)
+            if t is not None:
+                t.join(60)
+            with self._pump_lock:
+                self._pumps.pop(job_id, None)
+            self.runtime.remove(cid)
+
+        self._workers.submit(run)
+
+    # ------------------------------------------------------------ exits and recovery
+    def on_exit(self, cid: str, job_id: int, info: ContainerInfo | None = None) -> None:
+        job = self.store.get(job_id)
+        if job is None:
+            return
+        if info is None:
+            info = self.runtime.inspect(cid)
+        if info is None:
+            if job.state.active:
+                self.store.update(job_id, state=JobState.FAILED, end_time=self.clock(),
+                                  reason="container disappeared")
+            return
+        if not info.finished:
+            if info.status == "running" and job.state.active:
+                self._pump(job, cid)  # log stream ended early (dockerd restart): follow again
+            return
+        if job.state.final:
+            self._remove_later(job_id, cid)
+            return
+        code = info.exit_code
+        if job.stop_reason == StopReason.CANCEL:
+            state, reason = JobState.CANCELLED, job.reason or "cancelled"
+        elif job.stop_reason == StopReason.TIME_LIMIT:
+            state, reason = JobState.TIMEOUT, "TimeLimit"
+        elif code == 0 and not info.oom_killed:
+            state, reason = JobState.SUCCEEDED, ""
+        else:
+            state = JobState.FAILED
+            reason = "OOM killed" if info.oom_killed else f"exit code {code}"
+        self.store.update(job_id, state=state, reason=reason, exit_code=code, oom_killed=info.oom_killed,
+                          end_time=info.finished_at or self.clock(),
+                          start_time=info.started_at or job.start_time, container_id=cid)
+        self._remove_later(job_id, cid)
+
+    def reconcile(self) -> None:
+        """Match the store against labq-labelled containers after a (re)start or lost event stream."""
+        containers = {c.job_id: c for c in self.runtime.list_jobs() if c.job_id is not None}
+        for job in self.store.active_jobs():
+            if not job.state.active:
+                continue
+            info = containers.pop(job.id, None)
+            if info is None:
+                if job.state == JobState.STARTING:
+                    log.info("job %d: resuming interrupted start", job.id)
+                    self._create(job)
+                else:
+                    self.store.update(job.id, state=JobState.FAILED, end_time=self.clock(),
+                                      reason="container disappeared while labqd was not running")
+                continue
+            if info.status == "created":
+                with contextlib.suppress(Exception):
+                    self.runtime.start_created(info.id)
+                info = self.runtime.inspect(info.id) or info
+            if job.state == JobState.STARTING or job.container_id != info.id:
+                self.store.update(job.id, state=JobState.RUNNING, container_id=info.id)
+                job.container_id = info.id
+            if info.finished:
+                self.on_exit(info.id, job.id, info)
+            else:
+                log.info("job %d: re-adopted container %s", job.id, info.id[:12])
+                self._pump(job, info.id)
+                if job.stop_reason is not None:
+                    self.request_stop(job.id)
+        for job_id, info in containers.items():
+            known = self.store.get(job_id)
+            if known is None:
+                log.warning("container %s is labelled labq.job=%d but there is no such job; leaving it",
+                            info.id[:12], job_id)
+            elif info.finished:
+                with contextlib.suppress(Exception):
+                    self.runtime.write_logs(info.id, log_path(self.cfg, job_id), known.spec.uid,
+                                            known.spec.gid, False)
+                self.runtime.remove(info.id)
+
+
+def _prepare_dirs(cfg: Config) -> None:
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.state_dir).chmod(0o755)
+    Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.log_dir).chmod(0o711)  # owners open their own files by name; nobody lists them
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="labqd", description="labq GPU job queue daemon")
+    parser.add_argument("--config", help="config file (default $LABQ_CONFIG or /etc/labq/config.toml)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"labqd: {exc}", file=sys.stderr)
+        return 2
+    os.umask(0o022)
+    _prepare_dirs(cfg)
+    store = SqliteStore(cfg.db_path)
+    runtime = DockerRuntime(cfg, store.instance)
+    inventory = make_inventory(cfg.gpus)
+    daemon = Daemon(cfg, store, runtime, inventory)
+    signal.signal(signal.SIGTERM, daemon.handle_signal)
+    signal.signal(signal.SIGINT, daemon.handle_signal)
+    daemon.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

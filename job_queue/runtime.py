@@ -1,0 +1,280 @@
+"""Docker backend (docker SDK): build, create, start, adopt, stop and remove job containers; events.
+
+All containers carry the labels ``labq.job`` and ``labq.user`` and are named ``labq-<id>-<user>``.
+Docker refuses a second container with the same name, which is what makes starts exactly-once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .config import Config
+from .models import Job
+
+log = logging.getLogger("labqd.runtime")
+
+LABEL_JOB = "labq.job"
+LABEL_USER = "labq.user"
+LABEL_INSTANCE = "labq.instance"
+
+
+def container_name(job: Job) -> str:
+    return f"labq-{job.id}-{job.spec.user}"
+
+
+def working_dir(home: str, cwd: str) -> str:
+    """The caller's cwd if it lies under their home directory, otherwise their home."""
+    h = os.path.normpath(home)
+    c = os.path.normpath(cwd)
+    if c == h or c.startswith(h.rstrip("/") + "/"):
+        return c
+    return h
+
+
+def job_environment(job: Job) -> dict[str, str]:
+    s = job.spec
+    gpus = ",".join(job.assigned_gpus)
+    env = dict(s.env)
+    env.update({
+        "HOME": s.home,
+        "USER": s.user,
+        "LABQ_JOB_ID": str(job.id),
+        "LABQ_JOB_NAME": s.name,
+        "LABQ_USER": s.user,
+        "LABQ_GPUS": gpus,
+        "LABQ_NUM_GPUS": str(len(job.assigned_gpus)),
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": gpus,
+        # Explicit, so an image default such as NVIDIA_VISIBLE_DEVICES=all cannot widen access.
+        "NVIDIA_VISIBLE_DEVICES": gpus or "void",
+    })
+    if s.array_index is not None:
+        env["LABQ_ARRAY_INDEX"] = str(s.array_index)
+        env["LABQ_ARRAY_JOB_ID"] = str(s.array_id)
+    if s.time_limit is not None:
+        env["LABQ_TIME_LIMIT"] = str(s.time_limit)
+    return env
+
+
+def container_options(job: Job, cfg: Config, instance: str = "") -> dict[str, Any]:
+    """Keyword arguments for ``client.containers.create`` (pure; unit-tested for the security options)."""
+    import docker.types
+
+    s = job.spec
+    mounts = [docker.types.Mount(target=s.home, source=s.home, type="bind", read_only=False)]
+    for name in s.mounts:
+        m = cfg.mounts[name]
+        mounts.append(docker.types.Mount(target=m.target, source=m.source, type="bind",
+                                         read_only=m.read_only))
+    opts: dict[str, Any] = {
+        "image": s.image,
+        "command": list(s.command),
+        "name": container_name(job),
+        "user": f"{s.uid}:{s.gid}",
+        "group_add": [str(g) for g in s.groups if g != s.gid],
+        "environment": job_environment(job),
+        "labels": {LABEL_JOB: str(job.id), LABEL_USER: s.user, LABEL_INSTANCE: instance},
+        "working_dir": working_dir(s.home, s.cwd),
+        "mounts": mounts,
+        "security_opt": ["no-new-privileges"],
+        "cap_drop": ["ALL"],
+        "privileged": False,
+        "detach": True,
+        "stdin_open": False,
+        "tty": False,
+    }
+    if s.host_network and cfg.allow_host_network:
+        opts["network_mode"] = "host"
+    if s.cpus is not None:
+        opts["nano_cpus"] = int(s.cpus * 1e9)
+    if s.mem is not None:
+        opts["mem_limit"] = s.mem
+    if not cfg.fake_gpus and job.assigned_gpus:
+        opts["device_requests"] = [
+            docker.types.DeviceRequest(driver="nvidia", device_ids=list(job.assigned_gpus),
+                                       capabilities=[["gpu"]])
+        ]
+    return opts
+
+
+def parse_docker_time(text: str | None) -> float | None:
+    if not text or text.startswith("0001-"):
+        return None
+    t = text.rstrip("Z")
+    if "." in t:
+        head, frac = t.split(".", 1)
+        t = f"{head}.{frac[:6]}"
+    try:
+        return datetime.fromisoformat(t + "+00:00").timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    job_id: int | None
+    status: str  # created, running, exited, dead, paused, restarting, removing
+    instance: str
+    exit_code: int | None
+    oom_killed: bool
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("exited", "dead")
+
+
+def _info(attrs: dict[str, Any]) -> ContainerInfo:
+    state = attrs.get("State", {})
+    labels = (attrs.get("Config") or {}).get("Labels") or {}
+    job = labels.get(LABEL_JOB)
+    return ContainerInfo(
+        id=attrs["Id"],
+        job_id=int(job) if job and job.isdigit() else None,
+        status=state.get("Status", "unknown"),
+        instance=labels.get(LABEL_INSTANCE, ""),
+        exit_code=state.get("ExitCode"),
+        oom_killed=bool(state.get("OOMKilled")),
+        started_at=parse_docker_time(state.get("StartedAt")),
+        finished_at=parse_docker_time(state.get("FinishedAt")),
+    )
+
+
+class RuntimeError_(Exception):
+    """A Docker operation for a job failed (message is shown to the user)."""
+
+
+class DockerRuntime:
+    def __init__(self, cfg: Config, instance: str, client_factory: Callable[[], Any] | None = None) -> None:
+        self.cfg = cfg
+        self.instance = instance
+        if client_factory is None:
+            import docker
+
+            def client_factory() -> Any:
+                return docker.from_env(timeout=120)
+
+        self._factory = client_factory
+        self._local = threading.local()
+
+    @property
+    def client(self) -> Any:
+        c = getattr(self._local, "client", None)
+        if c is None:
+            c = self._factory()
+            self._local.client = c
+        return c
+
+    def image_exists(self, image: str) -> bool:
+        import docker.errors
+
+        try:
+            self.client.images.get(image)
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.APIError as exc:
+            if exc.status_code in (400, 404):
+                return False
+            raise
+        return True
+
+    def inspect(self, container: str) -> ContainerInfo | None:
+        import docker.errors
+
+        try:
+            return _info(self.client.api.inspect_container(container))
+        except docker.errors.NotFound:
+            return None
+
+    def list_jobs(self) -> list[ContainerInfo]:
+        out = []
+        labels = [LABEL_JOB, f"{LABEL_INSTANCE}={self.instance}"]
+        for c in self.client.api.containers(all=True, filters={"label": labels}):
+            info = self.inspect(c["Id"])
+            if info is not None:
+                out.append(info)
+        return out
+
+    def create_and_start(self, job: Job) -> str:
+        """Create and start the job's container; never creates a second one for the same job."""
+        import docker.errors
+
+        name = container_name(job)
+        try:
+            opts = container_options(job, self.cfg, self.instance)
+            cid: str = self.client.containers.create(**opts).id
+        except docker.errors.ImageNotFound as exc:
+            raise RuntimeError_(f"image '{job.spec.image}' not found on this node") from exc
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise RuntimeError_(f"docker create failed: {exc.explanation or exc}") from exc
+            existing = self.inspect(name)
+            if existing is None or existing.job_id != job.id or existing.instance != self.instance:
+                raise RuntimeError_(f"container name {name} is taken by something else") from exc
+            cid = existing.id
+            if existing.status != "created":
+                return cid  # already started once: adopt, never start again
+        try:
+            self.client.api.start(cid)
+        except docker.errors.APIError as exc:
+            raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
+        return cid
+
+    def start_created(self, cid: str) -> None:
+        self.client.api.start(cid)
+
+    def stop(self, cid: str, grace: float) -> None:
+        """SIGTERM, wait ``grace`` seconds, then SIGKILL (docker stop)."""
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.api.stop(cid, timeout=max(0, round(grace)))
+
+    def remove(self, cid: str) -> None:
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.api.remove_container(cid, force=True)
+
+    def write_logs(self, cid: str, path: str, uid: int, gid: int, follow: bool) -> None:
+        """(Re)write the container's whole output to ``path`` (owner-only); follow until it exits."""
+        import docker.errors
+
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb", buffering=0, closefd=False) as fh:
+                try:
+                    stream = self.client.api.logs(cid, stdout=True, stderr=True, stream=True, follow=follow)
+                    for chunk in stream:
+                        fh.write(chunk)
+                except docker.errors.NotFound:
+                    pass
+        finally:
+            os.close(fd)
+
+    def events(self) -> Iterator[tuple[str, int]]:
+        """Subscribe now; the iterator yields (container id, job id) for each labq container that dies."""
+        client = self._factory()
+        labels = [LABEL_JOB, f"{LABEL_INSTANCE}={self.instance}"]
+        stream = client.events(decode=True, filters={"type": "container", "event": ["die"], "label": labels})
+        return _die_events(stream)
+
+
+def _die_events(stream: Any) -> Iterator[tuple[str, int]]:
+    for ev in stream:
+        attrs = (ev.get("Actor") or {}).get("Attributes") or {}
+        job = attrs.get(LABEL_JOB, "")
+        cid = ev.get("id") or (ev.get("Actor") or {}).get("ID")
+        if cid and job.isdigit():
+            yield cid, int(job)

@@ -1,0 +1,183 @@
+"""Pure scheduling: given jobs, GPUs, policy and ``now`` (from an injected clock), decide what to do.
+
+No I/O here: the daemon feeds in a snapshot and applies the returned decisions, so every rule
+(priority order, per-user GPU cap, dependencies, array caps, EASY backfill, time limits) is
+unit-testable without Docker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .models import Job, JobState
+
+Clock = Callable[[], float]
+
+# Pending reasons, shown in `labq ls` (names follow squeue where one exists).
+R_HELD = "Held"
+R_DEPENDENCY = "Dependency"
+R_DEP_NEVER = "DependencyNeverSatisfied"
+R_USER_GPUS = "QOSMaxGpusPerUser"
+R_ARRAY_LIMIT = "ArrayTaskLimit"
+R_RESOURCES = "Resources"
+R_PRIORITY = "Priority"
+R_TOO_BIG = "TooBigForNode"
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_gpus_per_user: int = 0  # 0 = unlimited
+    node_cpus: float = math.inf
+    node_mem: float = math.inf
+
+
+@dataclass
+class Decisions:
+    starts: list[tuple[int, list[str]]] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)
+    cancels: list[tuple[int, str]] = field(default_factory=list)
+    timeouts: list[int] = field(default_factory=list)
+    next_deadline: float | None = None
+    head: int | None = None
+    shadow_time: float | None = None
+
+
+def queue_order(job: Job) -> tuple[int, float, int]:
+    """Priority (higher first), then submit time, then id."""
+    return (-job.spec.priority, job.submit_time, job.id)
+
+
+def job_end(job: Job) -> float:
+    if job.spec.time_limit is None or job.start_time is None:
+        return math.inf
+    return job.start_time + job.spec.time_limit
+
+
+@dataclass
+class _Free:
+    gpus: list[str]
+    cpus: float
+    mem: float
+
+    def fits(self, job: Job) -> bool:
+        s = job.spec
+        return (s.gpus <= len(self.gpus) and (s.cpus or 0.0) <= self.cpus + 1e-9
+                and (s.mem or 0) <= self.mem)
+
+    def take(self, job: Job) -> list[str]:
+        s = job.spec
+        got, self.gpus = self.gpus[:s.gpus], self.gpus[s.gpus:]
+        self.cpus -= s.cpus or 0.0
+        self.mem -= s.mem or 0
+        return got
+
+
+def _shadow_time(head: Job, free: _Free, running: Iterable[Job]) -> float:
+    """Earliest time at which ``head`` fits, assuming running jobs end at their time limits."""
+    gpus, cpus, mem = len(free.gpus), free.cpus, free.mem
+    s = head.spec
+    for job in sorted(running, key=job_end):
+        end = job_end(job)
+        if math.isinf(end):
+            return math.inf
+        gpus += len(job.assigned_gpus)
+        cpus += job.spec.cpus or 0.0
+        mem += job.spec.mem or 0
+        if s.gpus <= gpus and (s.cpus or 0.0) <= cpus + 1e-9 and (s.mem or 0) <= mem:
+            return end
+    return math.inf
+
+
+def schedule(
+    jobs: Sequence[Job],
+    all_gpus: Sequence[str],
+    policy: Policy,
+    now: float,
+    dep_states: Mapping[int, JobState] | None = None,
+    unavailable: Mapping[str, str] | None = None,
+) -> Decisions:
+    """Decide which pending jobs start now, which wait (and why), which are cancelled or timed out.
+
+    ``unavailable`` maps GPU ids busy with processes the queue did not start to a description.
+    """
+    deps = dict(dep_states or {})
+    blocked = dict(unavailable or {})
+    out = Decisions()
+    active = [j for j in jobs if j.state.active]
+    used = {g for j in active for g in j.assigned_gpus}
+    free = _Free(
+        gpus=[g for g in all_gpus if g not in used and g not in blocked],
+        cpus=policy.node_cpus - sum(j.spec.cpus or 0.0 for j in active),
+        mem=policy.node_mem - sum(j.spec.mem or 0 for j in active),
+    )
+    user_gpus: Counter[str] = Counter()
+    array_running: Counter[int] = Counter()
+    for j in active:
+        user_gpus[j.user] += j.spec.gpus
+        if j.spec.array_id is not None:
+            array_running[j.spec.array_id] += 1
+        end = job_end(j)
+        if j.state == JobState.RUNNING and j.stop_reason is None and not math.isinf(end):
+            if end <= now:
+                out.timeouts.append(j.id)
+            elif out.next_deadline is None or end < out.next_deadline:
+                out.next_deadline = end
+    running = list(active)
+    shadow: float | None = None
+    for job in sorted((j for j in jobs if j.state in (JobState.PENDING, JobState.HELD)), key=queue_order):
+        s = job.spec
+        if job.state == JobState.HELD:
+            out.reasons[job.id] = R_HELD
+            continue
+        if s.after is not None:
+            dep = deps.get(s.after)
+            if dep is None or (dep.final and dep != JobState.SUCCEEDED):
+                out.cancels.append((job.id, R_DEP_NEVER))
+                continue
+            if dep != JobState.SUCCEEDED:
+                out.reasons[job.id] = R_DEPENDENCY
+                continue
+        if s.gpus > len(all_gpus):
+            out.reasons[job.id] = R_TOO_BIG
+            continue
+        if policy.max_gpus_per_user and s.gpus and user_gpus[s.user] + s.gpus > policy.max_gpus_per_user:
+            out.reasons[job.id] = R_USER_GPUS
+            continue
+        if s.array_id is not None and s.array_cap is not None and array_running[s.array_id] >= s.array_cap:
+            out.reasons[job.id] = R_ARRAY_LIMIT
+            continue
+        fits = free.fits(job)
+        if shadow is None:
+            if fits:
+                _start(job, free, out, running, user_gpus, array_running, now)
+                continue
+            shadow = _shadow_time(job, free, running)
+            out.head, out.shadow_time = job.id, shadow
+            reason = R_RESOURCES
+            if blocked and len(free.gpus) < s.gpus <= len(free.gpus) + len(blocked):
+                busy = "; ".join(f"{g}: {d}" for g, d in sorted(blocked.items()))
+                reason = f"{R_RESOURCES} (GPU busy outside labq: {busy})"
+            out.reasons[job.id] = reason
+            continue
+        # Backfill: only a job whose time limit ends before the head job could start.
+        if fits and s.time_limit is not None and now + s.time_limit <= shadow:
+            _start(job, free, out, running, user_gpus, array_running, now)
+            continue
+        out.reasons[job.id] = R_PRIORITY if fits else R_RESOURCES
+    return out
+
+
+def _start(job: Job, free: _Free, out: Decisions, running: list[Job], user_gpus: Counter[str],
+           array_running: Counter[int], now: float) -> None:
+    gpus = free.take(job)
+    out.starts.append((job.id, gpus))
+    user_gpus[job.user] += job.spec.gpus
+    if job.spec.array_id is not None:
+        array_running[job.spec.array_id] += 1
+    # Treat it as running from now on, for the head job's shadow time.
+    clone = Job(id=job.id, spec=job.spec, state=JobState.STARTING, submit_time=job.submit_time,
+                start_time=now, assigned_gpus=gpus)
+    running.append(clone)

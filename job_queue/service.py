@@ -1,0 +1,213 @@
+"""Request handlers: what each protocol op means, with permission checks. Called by the API threads."""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import Config
+from .identity import Caller
+from .models import Job, JobSpec, JobState, StopReason
+from .protocol import ErrorCode, ProtocolError, Request, invalid, parse_array
+from .runtime import working_dir
+from .store import SqliteStore
+
+
+class Backend(Protocol):
+    """What the service needs from the daemon."""
+
+    def wake(self) -> None: ...
+    def request_stop(self, job_id: int) -> None: ...
+    def image_exists(self, image: str) -> bool: ...
+    def gpu_ids(self) -> list[str]: ...
+    def gpu_report(self) -> list[dict[str, Any]]: ...
+
+
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.+-]")
+
+
+def log_path(cfg: Config, job_id: int) -> str:
+    return str(Path(cfg.log_dir) / f"{job_id}.log")
+
+
+def _default_name(command: list[str]) -> str:
+    base = _NAME_CHARS.sub("_", command[0].rsplit("/", 1)[-1])[:64].lstrip("_.+-")
+    return base or "job"
+
+
+def summary(job: Job) -> dict[str, Any]:
+    """The fields `labq ls` needs (kept small so listing 10,000 jobs stays fast)."""
+    s = job.spec
+    return {
+        "id": job.id, "user": s.user, "state": job.state.value, "gpus": s.gpus, "name": s.name,
+        "reason": job.reason, "submit_time": job.submit_time, "start_time": job.start_time,
+        "end_time": job.end_time, "time_limit": s.time_limit, "priority": s.priority,
+        "assigned_gpus": job.assigned_gpus, "exit_code": job.exit_code, "array_id": s.array_id,
+        "array_index": s.array_index,
+    }
+
+
+class Service:
+    def __init__(self, cfg: Config, store: SqliteStore, backend: Backend,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.backend = backend
+        self.clock = clock
+
+    def handle(self, caller: Caller, req: Request) -> Any:
+        handler = getattr(self, f"op_{req.op}")
+        return handler(caller, **req.args)
+
+    # ------------------------------------------------------------ helpers
+    def _job(self, job_id: int) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"id: no job {job_id}")
+        return job
+
+    def _owned(self, caller: Caller, ids: list[int], verb: str) -> list[Job]:
+        jobs = [self._job(i) for i in dict.fromkeys(ids)]
+        for job in jobs:
+            if not caller.is_admin and job.spec.uid != caller.uid:
+                raise ProtocolError(ErrorCode.PERMISSION, f"id: job {job.id} belongs to {job.user}; "
+                                    f"only its owner or an admin may {verb} it")
+        return jobs
+
+    # ------------------------------------------------------------ ops
+    def op_ping(self, caller: Caller) -> dict[str, Any]:
+        return {"user": caller.user, "admin": caller.is_admin, "version": 1}
+
+    def op_submit(self, caller: Caller, *, command: list[str], cwd: str, gpus: int, image: str | None,
+                  name: str | None, time_limit: int | None, cpus: float | None, mem: int | None,
+                  env: dict[str, str], mounts: list[str], after: int | None, priority: int,
+                  array: str | None, host_network: bool, hold: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        size = sum(len(a.encode()) + 1 for a in command)
+        if size > cfg.max_command_bytes:
+            raise invalid(f"command: {size} bytes, over the limit of {cfg.max_command_bytes}")
+        node_gpus = len(self.backend.gpu_ids())
+        if gpus > node_gpus:
+            raise invalid(f"gpus: asked for {gpus} but this node has {node_gpus}")
+        if cfg.max_gpus_per_user and gpus > cfg.max_gpus_per_user:
+            raise invalid(f"gpus: {gpus} is over the per-user limit of {cfg.max_gpus_per_user}")
+        if cpus is not None and cpus > cfg.effective_cpus():
+            raise invalid(f"cpus: asked for {cpus:g} but this node has {cfg.effective_cpus():g}")
+        if mem is not None and mem > cfg.effective_mem():
+            raise invalid(f"mem: asked for {mem} bytes but this node has {cfg.effective_mem()}")
+        for m in mounts:
+            if m not in cfg.mounts:
+                allowed = ", ".join(sorted(cfg.mounts)) or "none"
+                raise invalid(f"mounts: '{m}' is not on the allow-list (allowed: {allowed})")
+        if host_network and not cfg.allow_host_network:
+            raise invalid("host_network: not allowed by lab policy on this node")
+        if priority > 0 and not caller.is_admin:
+            raise ProtocolError(ErrorCode.PERMISSION, "priority: only admins may set a priority above 0")
+        if not cwd.startswith("/"):
+            raise invalid("cwd: must be an absolute path")
+        img = image or cfg.default_image
+        if cfg.allowed_images and not any(fnmatch.fnmatchcase(img, p) for p in cfg.allowed_images):
+            raise invalid(f"image: '{img}' is not allowed on this node")
+        if not self.backend.image_exists(img):
+            raise invalid(f"image: unknown image '{img}' (not present on this node)")
+        if after is not None and self.store.get(after) is None:
+            raise invalid(f"after: no job {after}")
+        base = JobSpec(
+            user=caller.user, uid=caller.uid, gid=caller.gid, groups=list(caller.groups), home=caller.home,
+            cwd=working_dir(caller.home, cwd), image=img, command=command, gpus=gpus,
+            name=name or _default_name(command), time_limit=time_limit, cpus=cpus, mem=mem, env=env,
+            mounts=mounts, after=after, priority=priority, host_network=host_network, held=hold,
+        )
+        specs = [base]
+        if array is not None:
+            arr = parse_array(array)
+            specs = []
+            for index in arr.indices:
+                d = dict(base.__dict__)
+                d.update(array_index=index, array_cap=arr.cap, groups=list(base.groups),
+                         command=list(base.command), env=dict(base.env), mounts=list(base.mounts))
+                specs.append(JobSpec(**d))
+        ids = self.store.add_jobs(specs, self.clock())
+        self.backend.wake()
+        return {"ids": ids, "array_id": ids[0] if array is not None else None}
+
+    def op_ls(self, caller: Caller, *, user: str | None) -> dict[str, Any]:
+        jobs = self.store.active_jobs()
+        if user is not None:
+            jobs = [j for j in jobs if j.user == user]
+        return {"now": self.clock(), "jobs": [summary(j) for j in jobs]}
+
+    def op_history(self, caller: Caller, *, user: str | None, limit: int) -> dict[str, Any]:
+        return {"now": self.clock(), "jobs": [summary(j) for j in self.store.history(user, limit)]}
+
+    def op_show(self, caller: Caller, *, id: int) -> dict[str, Any]:
+        job = self._job(id)
+        out = job.to_dict()
+        out["log"] = log_path(self.cfg, job.id)
+        out["now"] = self.clock()
+        if not caller.is_admin and caller.uid != job.spec.uid:
+            out["env"] = {}  # other users' environments may hold secrets
+        return out
+
+    def op_logs(self, caller: Caller, *, id: int, offset: int, max_bytes: int) -> dict[str, Any]:
+        job = self._owned(caller, [id], "read the output of")[0]
+        path = log_path(self.cfg, job.id)
+        data = b""
+        size = 0
+        try:
+            with Path(path).open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                fh.seek(min(offset, size))
+                data = fh.read(max_bytes)
+        except FileNotFoundError:
+            pass
+        new_offset = min(offset, size) + len(data)
+        return {"data": base64.b64encode(data).decode(), "offset": new_offset,
+                "eof": new_offset >= size, "state": job.state.value}
+
+    def op_cancel(self, caller: Caller, *, ids: list[int]) -> dict[str, Any]:
+        jobs = self._owned(caller, ids, "cancel")
+        results = []
+        now = self.clock()
+        for job in jobs:
+            by = f"cancelled by {caller.user}"
+            if self.store.transition(job.id, [JobState.PENDING, JobState.HELD], state=JobState.CANCELLED,
+                                     reason=by, end_time=now):
+                results.append({"id": job.id, "result": "cancelled"})
+            elif self.store.transition(job.id, [JobState.STARTING, JobState.RUNNING],
+                                       stop_reason=StopReason.CANCEL, reason=by):
+                self.backend.request_stop(job.id)
+                results.append({"id": job.id, "result": "stopping"})
+            else:
+                results.append({"id": job.id, "result": "already finished"})
+        self.backend.wake()
+        return {"jobs": results}
+
+    def _toggle(self, caller: Caller, ids: list[int], verb: str, src: JobState,
+                dst: JobState) -> dict[str, Any]:
+        jobs = self._owned(caller, ids, verb)
+        for job in jobs:
+            if job.state not in (src, dst):
+                raise ProtocolError(ErrorCode.CONFLICT, f"id: job {job.id} is {job.state.value}; "
+                                    f"only {src.value} jobs can be {dst.value}")
+        done = []
+        for job in jobs:
+            if self.store.transition(job.id, [src], state=dst, reason=""):
+                done.append(job.id)
+        self.backend.wake()
+        return {"ids": done}
+
+    def op_hold(self, caller: Caller, *, ids: list[int]) -> dict[str, Any]:
+        return self._toggle(caller, ids, "hold", JobState.PENDING, JobState.HELD)
+
+    def op_release(self, caller: Caller, *, ids: list[int]) -> dict[str, Any]:
+        return self._toggle(caller, ids, "release", JobState.HELD, JobState.PENDING)
+
+    def op_gpus(self, caller: Caller) -> dict[str, Any]:
+        return {"gpus": self.backend.gpu_report()}

@@ -1,0 +1,244 @@
+"""Job storage: a small interface and its SQLite implementation (WAL, busy timeout, one tx helper)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from .models import FINAL_STATES, Job, JobSpec, JobState, StopReason
+
+ACTIVE_STATES = (JobState.PENDING, JobState.HELD, JobState.STARTING, JobState.RUNNING)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    submit_time REAL NOT NULL,
+    spec TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    start_time REAL,
+    end_time REAL,
+    exit_code INTEGER,
+    oom_killed INTEGER NOT NULL DEFAULT 0,
+    assigned_gpus TEXT NOT NULL DEFAULT '[]',
+    container_id TEXT,
+    stop_reason TEXT,
+    start_count INTEGER NOT NULL DEFAULT 0,
+    array_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_end ON jobs(end_time);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+SCHEMA_VERSION = "1"
+
+_COLUMNS = (
+    "id, user, state, priority, submit_time, spec, reason, start_time, end_time, exit_code, "
+    "oom_killed, assigned_gpus, container_id, stop_reason, start_count"
+)
+_UPDATABLE = {
+    "state", "reason", "start_time", "end_time", "exit_code", "oom_killed", "assigned_gpus",
+    "container_id", "stop_reason",
+}
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Store(Protocol):
+    """What the daemon needs from storage; every method commits before it returns."""
+
+    def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[int]: ...
+    def get(self, job_id: int) -> Job | None: ...
+    def active_jobs(self) -> list[Job]: ...
+    def states(self, ids: Iterable[int]) -> dict[int, JobState]: ...
+    def history(self, user: str | None, limit: int) -> list[Job]: ...
+    def update(self, job_id: int, **fields: Any) -> None: ...
+    def mark_starting(self, job_id: int, gpus: Sequence[str], now: float) -> bool: ...
+    def close(self) -> None: ...
+
+    @property
+    def instance(self) -> str: ...
+
+
+def _row_to_job(row: Sequence[Any]) -> Job:
+    spec = JobSpec(**json.loads(row[5]))
+    return Job(
+        id=row[0],
+        spec=spec,
+        state=JobState(row[2]),
+        submit_time=row[4],
+        reason=row[6],
+        start_time=row[7],
+        end_time=row[8],
+        exit_code=row[9],
+        oom_killed=bool(row[10]),
+        assigned_gpus=json.loads(row[11]),
+        container_id=row[12],
+        stop_reason=StopReason(row[13]) if row[13] else None,
+        start_count=row[14],
+    )
+
+
+class SqliteStore:
+    def __init__(self, path: str, busy_timeout_ms: int = 10000) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                                     check_same_thread=False)
+        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._depth = 0
+        for stmt in SCHEMA.strip().split(";"):
+            if stmt.strip():
+                self._conn.execute(stmt)
+        with self.tx() as cur:
+            cur.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            cur.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('instance', ?)",
+                        (uuid.uuid4().hex[:16],))
+            row = cur.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+            self.instance: str = row[0]
+            """Random id of this queue's database; its containers carry it as the ``labq.instance`` label."""
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Cursor]:
+        """The one transaction helper: BEGIN IMMEDIATE, commit on success, roll back on error.
+
+        Nested use inside the same thread joins the outer transaction.
+        """
+        with self._lock:
+            cur = self._conn.cursor()
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield cur
+                finally:
+                    self._depth -= 1
+                    cur.close()
+                return
+            cur.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield cur
+            except BaseException:
+                self._depth = 0
+                cur.execute("ROLLBACK")
+                cur.close()
+                raise
+            self._depth = 0
+            cur.execute("COMMIT")
+            cur.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[int]:
+        ids: list[int] = []
+        with self.tx() as cur:
+            array_id: int | None = None
+            for spec in specs:
+                state = JobState.HELD if spec.held else JobState.PENDING
+                cur.execute(
+                    "INSERT INTO jobs(user, state, priority, submit_time, spec) VALUES (?, ?, ?, ?, ?)",
+                    (spec.user, state.value, spec.priority, now, "{}"),
+                )
+                job_id = cur.lastrowid
+                assert job_id is not None
+                if spec.array_index is not None:
+                    array_id = array_id or job_id
+                    spec.array_id = array_id
+                cur.execute("UPDATE jobs SET spec = ?, array_id = ? WHERE id = ?",
+                            (json.dumps(asdict(spec)), spec.array_id, job_id))
+                ids.append(job_id)
+        return ids
+
+    def _select(self, where: str, params: Sequence[Any] = ()) -> list[Job]:
+        with self._lock:
+            # Only constant SQL fragments are interpolated; values are bound parameters.
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs {where}", params).fetchall()  # noqa: S608
+        return [_row_to_job(r) for r in rows]
+
+    def get(self, job_id: int) -> Job | None:
+        jobs = self._select("WHERE id = ?", (job_id,))
+        return jobs[0] if jobs else None
+
+    def active_jobs(self) -> list[Job]:
+        marks = ",".join("?" for _ in ACTIVE_STATES)
+        return self._select(f"WHERE state IN ({marks}) ORDER BY id", [s.value for s in ACTIVE_STATES])
+
+    def states(self, ids: Iterable[int]) -> dict[int, JobState]:
+        wanted = sorted(set(ids))
+        out: dict[int, JobState] = {}
+        with self._lock:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i:i + 500]
+                marks = ",".join("?" for _ in chunk)
+                for job_id, state in self._conn.execute(
+                        f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk):  # noqa: S608
+                    out[job_id] = JobState(state)
+        return out
+
+    def history(self, user: str | None, limit: int) -> list[Job]:
+        marks = ",".join("?" for _ in FINAL_STATES)
+        params: list[Any] = [s.value for s in FINAL_STATES]
+        where = f"WHERE state IN ({marks})"
+        if user is not None:
+            where += " AND user = ?"
+            params.append(user)
+        params.append(limit)
+        return self._select(where + " ORDER BY end_time DESC, id DESC LIMIT ?", params)
+
+    def update(self, job_id: int, **fields: Any) -> None:
+        bad = set(fields) - _UPDATABLE
+        if bad:
+            raise StoreError(f"cannot update {sorted(bad)}")
+        values: list[Any] = []
+        for key, value in fields.items():
+            if key == "assigned_gpus":
+                value = json.dumps(list(value))
+            elif isinstance(value, (JobState, StopReason)):
+                value = value.value
+            elif isinstance(value, bool):
+                value = int(value)
+            values.append(value)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.tx() as cur:
+            # Column names were checked against _UPDATABLE above.
+            cur.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*values, job_id])  # noqa: S608
+            if cur.rowcount != 1:
+                raise StoreError(f"job {job_id} not found")
+
+    def transition(self, job_id: int, allowed: Sequence[JobState], **fields: Any) -> bool:
+        """Update ``job_id`` only if it is in one of ``allowed`` states (atomically). Returns success."""
+        with self.tx():
+            job = self.get(job_id)
+            if job is None or job.state not in allowed:
+                return False
+            self.update(job_id, **fields)
+            return True
+
+    def mark_starting(self, job_id: int, gpus: Sequence[str], now: float) -> bool:
+        """Record that the job is starting on ``gpus`` (before the container exists).
+
+        Only a pending job can be marked; the start counter proves exactly-once starts.
+        """
+        with self.tx() as cur:
+            cur.execute(
+                "UPDATE jobs SET state = ?, assigned_gpus = ?, start_time = ?, reason = '', "
+                "start_count = start_count + 1 WHERE id = ? AND state = ?",
+                (JobState.STARTING.value, json.dumps(list(gpus)), now, job_id, JobState.PENDING.value),
+            )
+            return cur.rowcount == 1

@@ -1,0 +1,164 @@
+"""End to end: a real labqd, the real Docker engine, real users alice and bob, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Labqd
+
+pytestmark = pytest.mark.docker
+
+
+def wait_for(get: Any, pred: Any, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = get()
+        if pred(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def submit(d: Labqd, user: str, *args: str, cwd: str | None = None) -> int:
+    res = d.labq("submit", *args, user=user, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip())
+
+
+def test_job_runs_as_user_in_cwd_with_labels_and_env(labqd: Labqd, users: dict[str, Any]) -> None:
+    alice = users["alice"]
+    work = Path(alice.pw_dir) / "proj"
+    work.mkdir(exist_ok=True)
+    os.chown(work, alice.pw_uid, alice.pw_gid)
+    out = work / "out.txt"
+    out.unlink(missing_ok=True)
+    script = ('id -u > out.txt; id -G >> out.txt; pwd >> out.txt; '
+              'echo "$LABQ_JOB_ID $CUDA_VISIBLE_DEVICES $CUDA_DEVICE_ORDER $MYVAR" >> out.txt; '
+              'echo hello-log')
+    job_id = submit(labqd, "alice", "--gpus", "2", "--env", "MYVAR=x1", "--", "sh", "-c", script,
+                    cwd=str(work))
+    job = labqd.wait_state(job_id, ("succeeded", "failed"))
+    assert job["state"] == "succeeded", job
+    assert job["exit_code"] == 0
+    lines = out.read_text().splitlines()
+    st = out.stat()
+    assert (st.st_uid, st.st_gid) == (alice.pw_uid, alice.pw_gid)  # a file she owns
+    assert lines[0] == str(alice.pw_uid)
+    import grp
+
+    assert str(grp.getgrnam("labqtest-members").gr_gid) in lines[1].split()
+    assert lines[2] == str(work)
+    assert lines[3] == f"{job_id} {','.join(job['assigned_gpus'])} PCI_BUS_ID x1"
+    assert len(job["assigned_gpus"]) == 2
+    logs = labqd.labq("logs", str(job_id), user="alice")
+    assert logs.returncode == 0 and logs.stdout == "hello-log\n"
+    log_file = Path(job["log"])
+    assert log_file.stat().st_uid == alice.pw_uid and log_file.stat().st_mode & 0o077 == 0
+
+
+def test_container_security_options(labqd: Labqd, users: dict[str, Any]) -> None:
+    from conftest import docker_client
+
+    job_id = submit(labqd, "bob", "--gpus", "0", "--", "sleep", "30")
+    job = labqd.wait_state(job_id, ("running",))
+    c = docker_client().containers.get(job["container_id"])
+    hc = c.attrs["HostConfig"]
+    assert c.name == f"labq-{job_id}-bob"
+    assert c.labels["labq.job"] == str(job_id) and c.labels["labq.user"] == "bob"
+    assert c.attrs["Config"]["User"] == f"{users['bob'].pw_uid}:{users['bob'].pw_gid}"
+    assert hc["Privileged"] is False
+    assert "no-new-privileges" in hc["SecurityOpt"]
+    assert not hc.get("CapAdd")
+    assert hc["NetworkMode"] != "host"
+    assert [m["Source"] for m in c.attrs["Mounts"]] == [users["bob"].pw_dir]
+    res = labqd.labq("cancel", str(job_id), user="bob")
+    assert res.returncode == 0, res.stderr
+    assert labqd.wait_state(job_id, ("cancelled",))["state"] == "cancelled"
+
+
+def test_bob_cannot_cancel_alices_job(labqd: Labqd) -> None:
+    job_id = submit(labqd, "alice", "--gpus", "1", "--", "sleep", "30")
+    labqd.wait_state(job_id, ("running",))
+    res = labqd.labq("cancel", str(job_id), user="bob")
+    assert res.returncode == 4
+    assert "only its owner or an admin" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    for verb in ("hold", "release"):
+        assert labqd.labq(verb, str(job_id), user="bob").returncode == 4
+    assert labqd.job(job_id)["state"] == "running"
+    # everyone may list
+    ls = labqd.labq("ls", "--json", user="bob")
+    assert [j["id"] for j in json.loads(ls.stdout)] == [job_id]
+    assert labqd.labq("cancel", str(job_id)).returncode == 0  # root is an admin
+    assert labqd.wait_state(job_id, ("cancelled",))["reason"] == "cancelled by root"
+
+
+def test_no_root_mount_and_no_privileges(make_labqd: Any) -> None:
+    d = make_labqd('mounts = { scratch = "/tmp:/scratch:ro" }')
+    for args, field in (
+        (["--mount", "root"], "mounts"),
+        (["--mount", "/"], "mounts"),
+        (["--host-network"], "host_network"),
+        (["--priority", "5"], "priority"),
+    ):
+        res = d.labq("submit", "--gpus", "0", *args, "--", "true", user="alice")
+        assert res.returncode in (2, 4), res
+        assert res.stderr.startswith(f"labq: {field}:"), res.stderr
+    assert json.loads(d.labq("ls", "--json").stdout) == []
+    job_id = submit(d, "alice", "--gpus", "0", "--mount", "scratch", "--", "sh", "-c", "touch /scratch/x")
+    job = d.wait_state(job_id, ("succeeded", "failed"))
+    assert job["state"] == "failed" and job["exit_code"] != 0  # read-only allow-list mount
+
+
+def test_queue_order_and_gpu_reuse(labqd: Labqd) -> None:
+    first = [submit(labqd, "alice", "--gpus", "4", "--", "sleep", "1")]
+    waiting = submit(labqd, "bob", "--gpus", "3", "--", "true")
+    job = wait_for(lambda: labqd.job(waiting), lambda j: j["reason"] != "")
+    assert job["state"] == "pending" and job["reason"] == "Resources"
+    ls = labqd.labq("ls")
+    row = next(line for line in ls.stdout.splitlines() if line.startswith(str(waiting)))
+    assert "PENDING" in row and "Resources" in row and "bob" in row
+    done = labqd.wait_state(waiting, ("succeeded",))
+    head = labqd.job(first[0])
+    assert done["start_time"] >= head["end_time"] - 0.01
+    gpus = json.loads(labqd.labq("gpus", "--json").stdout)
+    assert [g["state"] for g in gpus] == ["free"] * 4
+
+
+def test_bad_input_is_refused_and_nothing_queued(labqd: Labqd) -> None:
+    cases = [
+        (["--gpus", "5", "--", "true"], "gpus"),
+        (["--gpus", "-1", "--", "true"], "gpus"),
+        (["--gpus", "0", "--image", "no-such-image:1", "--", "true"], "image"),
+        (["--gpus", "0", "--time", "4x", "--", "true"], "time"),
+        (["--gpus", "0", "--time", "0", "--", "true"], "time"),
+        (["--gpus", "0", "--cpus", "0", "--", "true"], "cpus"),
+        (["--gpus", "0", "--after", "999", "--", "true"], "after"),
+        (["--gpus", "0", "--", "echo", "x" * 70000], "command"),
+        (["--gpus", "0", "--env", "LABQ_JOB_ID=1", "--", "true"], "env"),
+    ]
+    for args, field in cases:
+        res = labqd.labq("submit", *args, user="alice")
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.startswith(f"labq: {field}:"), (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert json.loads(labqd.labq("ls", "--json").stdout) == []
+    assert labqd.labq("show", "12345").returncode == 3
+    assert labqd.call("ping")["ok"]
+
+
+def test_sigterm_drains_and_running_containers_survive(labqd: Labqd, users: dict[str, Any]) -> None:
+    job_id = submit(labqd, "alice", "--gpus", "1", "--", "sleep", "3")
+    job = labqd.wait_state(job_id, ("running",))
+    assert labqd.terminate() == 0
+    from conftest import docker_client
+
+    assert docker_client().containers.get(job["container_id"]).status == "running"
+    assert not Path(labqd.socket).exists()
+    labqd.start()
+    done = labqd.wait_state(job_id, ("succeeded",))
+    assert done["container_id"] == job["container_id"]
+    assert time.time() - done["end_time"] < 60
