@@ -25,6 +25,10 @@ LABEL_USER = "labq.user"
 LABEL_INSTANCE = "labq.instance"
 
 
+class RuntimeError_(Exception):
+    """A Docker operation for a job failed (message is shown to the user)."""
+
+
 def container_name(job: Job) -> str:
     return f"labq-{job.id}-{job.spec.user}"
 
@@ -70,7 +74,9 @@ def container_options(job: Job, cfg: Config, instance: str = "") -> dict[str, An
     s = job.spec
     mounts = [docker.types.Mount(target=s.home, source=s.home, type="bind", read_only=False)]
     for name in s.mounts:
-        m = cfg.mounts[name]
+        m = cfg.mounts.get(name)
+        if m is None:
+            raise RuntimeError_(f"mount '{name}' is no longer on the allow-list")
         mounts.append(docker.types.Mount(target=m.target, source=m.source, type="bind",
                                          read_only=m.read_only))
     opts: dict[str, Any] = {
@@ -147,10 +153,6 @@ def _info(attrs: dict[str, Any]) -> ContainerInfo:
         started_at=parse_docker_time(state.get("StartedAt")),
         finished_at=parse_docker_time(state.get("FinishedAt")),
     )
-
-
-class RuntimeError_(Exception):
-    """A Docker operation for a job failed (message is shown to the user)."""
 
 
 class DockerRuntime:

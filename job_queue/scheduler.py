@@ -162,8 +162,9 @@ def schedule(
                 reason = f"{R_RESOURCES} (GPU busy outside labq: {busy})"
             out.reasons[job.id] = reason
             continue
-        # Backfill: only a job whose time limit ends before the head job could start.
-        if fits and s.time_limit is not None and now + s.time_limit <= shadow:
+        # Backfill: only a job whose time limit ends before the head job could start. When that
+        # start is unknown (a running job has no time limit), nothing may pass the head job.
+        if fits and s.time_limit is not None and not math.isinf(shadow) and now + s.time_limit <= shadow:
             _start(job, free, out, running, user_gpus, array_running, now)
             continue
         out.reasons[job.id] = R_PRIORITY if fits else R_RESOURCES

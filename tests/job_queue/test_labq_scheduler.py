@@ -1,0 +1,162 @@
+"""The pure scheduler, driven with a fake clock: order, policy, dependencies, arrays, backfill, limits."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from job_queue.models import Job, JobSpec, JobState, StopReason
+from job_queue.scheduler import (
+    R_ARRAY_LIMIT,
+    R_DEP_NEVER,
+    R_DEPENDENCY,
+    R_HELD,
+    R_PRIORITY,
+    R_RESOURCES,
+    R_USER_GPUS,
+    Policy,
+    schedule,
+)
+
+GPUS = ["g0", "g1", "g2", "g3"]
+_ids = itertools.count(1)
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def job(gpus: int = 1, user: str = "alice", *, state: JobState = JobState.PENDING, submit: float = 0.0,
+        priority: int = 0, limit: int | None = None, start: float | None = None,
+        assigned: list[str] | None = None, after: int | None = None, cpus: float | None = None,
+        mem: int | None = None, array: tuple[int, int, int | None] | None = None) -> Job:
+    spec = JobSpec(user=user, uid=1000, gid=1000, groups=[], home="/home/x", cwd="/home/x", image="img",
+                   command=["true"], gpus=gpus, time_limit=limit, priority=priority, after=after, cpus=cpus,
+                   mem=mem)
+    if array is not None:
+        spec.array_id, spec.array_index, spec.array_cap = array
+    return Job(id=next(_ids), spec=spec, state=state, submit_time=submit, start_time=start,
+               assigned_gpus=assigned or [])
+
+
+def running(gpus: list[str], user: str = "alice", start: float = 900.0, limit: int | None = None) -> Job:
+    return job(len(gpus), user, state=JobState.RUNNING, start=start, limit=limit, assigned=gpus)
+
+
+def test_starts_in_priority_then_submit_order_and_assigns_distinct_gpus() -> None:
+    clock = FakeClock()
+    a = job(2, submit=1)
+    b = job(2, submit=2, priority=5)
+    c = job(2, submit=0.5)
+    d = schedule([a, b, c], GPUS, Policy(), clock())
+    assert [s[0] for s in d.starts] == [b.id, c.id]
+    assert sorted(g for _, gs in d.starts for g in gs) == GPUS
+    assert d.reasons[a.id] == R_RESOURCES
+    assert d.head == a.id
+
+
+def test_busy_gpus_are_not_given_again() -> None:
+    r = running(["g0", "g2"])
+    p = job(2)
+    d = schedule([r, p], GPUS, Policy(), 1000)
+    assert d.starts == [(p.id, ["g1", "g3"])]
+
+
+def test_per_user_gpu_cap_waits_with_reason_and_does_not_block_others() -> None:
+    r = running(["g0", "g1"], user="alice")
+    a = job(1, "alice", submit=1)
+    b = job(1, "bob", submit=2)
+    d = schedule([r, a, b], GPUS, Policy(max_gpus_per_user=2), 1000)
+    assert d.reasons[a.id] == R_USER_GPUS
+    assert [s[0] for s in d.starts] == [b.id]
+
+
+def test_cap_counts_jobs_started_in_the_same_pass() -> None:
+    a1, a2 = job(2, "alice", submit=1), job(1, "alice", submit=2)
+    d = schedule([a1, a2], GPUS, Policy(max_gpus_per_user=2), 1000)
+    assert [s[0] for s in d.starts] == [a1.id]
+    assert d.reasons[a2.id] == R_USER_GPUS
+
+
+def test_held_and_dependencies() -> None:
+    held = job(1, state=JobState.HELD)
+    dep_ok = job(1, after=100)
+    dep_wait = job(1, after=101)
+    dep_bad = job(1, after=102)
+    dep_gone = job(1, after=103)
+    deps = {100: JobState.SUCCEEDED, 101: JobState.RUNNING, 102: JobState.FAILED}
+    d = schedule([held, dep_ok, dep_wait, dep_bad, dep_gone], GPUS, Policy(), 1000, deps)
+    assert d.reasons[held.id] == R_HELD
+    assert [s[0] for s in d.starts] == [dep_ok.id]
+    assert d.reasons[dep_wait.id] == R_DEPENDENCY
+    assert sorted(d.cancels) == sorted([(dep_bad.id, R_DEP_NEVER), (dep_gone.id, R_DEP_NEVER)])
+
+
+def test_array_concurrency_cap() -> None:
+    tasks = [job(0, submit=i, array=(50, i, 2)) for i in range(5)]
+    tasks[0].state = JobState.RUNNING
+    d = schedule(tasks, GPUS, Policy(), 1000)
+    assert [s[0] for s in d.starts] == [tasks[1].id]
+    assert all(d.reasons[t.id] == R_ARRAY_LIMIT for t in tasks[2:])
+
+
+def test_backfill_only_when_it_ends_before_the_head_could_start() -> None:
+    clock = FakeClock(1000)
+    r = running(["g0", "g1", "g2"], start=900, limit=300)  # ends at 1200
+    head = job(4, submit=1)
+    short = job(1, submit=2, limit=200)  # would end at 1200: allowed
+    long = job(1, submit=3, limit=201)  # would end at 1201: would delay the head
+    nolimit = job(1, submit=4)
+    d = schedule([r, head, short, long, nolimit], GPUS, Policy(), clock())
+    assert d.head == head.id and d.shadow_time == 1200
+    assert [s[0] for s in d.starts] == [short.id]
+    assert d.reasons[head.id] == R_RESOURCES
+    assert d.reasons[long.id] == R_RESOURCES  # the backfilled job took the last free GPU
+    clock.t = 1100
+    d2 = schedule([r, head, long, nolimit], GPUS, Policy(), clock())
+    assert d2.starts == []
+    assert d2.reasons[long.id] == R_PRIORITY and d2.reasons[nolimit.id] == R_PRIORITY
+
+
+def test_no_backfill_when_head_start_is_unknown() -> None:
+    r = running(["g0", "g1", "g2"])  # no time limit: the head's start time is unknown
+    head = job(4, submit=1)
+    short = job(1, submit=2, limit=1)
+    d = schedule([r, head, short], GPUS, Policy(), 1000)
+    assert d.shadow_time == math.inf
+    assert d.starts == []
+
+
+def test_time_limits_and_next_deadline() -> None:
+    clock = FakeClock(1000)
+    late = running(["g0"], start=0, limit=999)
+    soon = running(["g1"], start=900, limit=150)
+    stopping = running(["g2"], start=0, limit=10)
+    stopping.stop_reason = StopReason.TIME_LIMIT
+    d = schedule([late, soon, stopping], GPUS, Policy(), clock())
+    assert d.timeouts == [late.id]
+    assert d.next_deadline == 1050
+    clock.t = 1050
+    assert schedule([soon], GPUS, Policy(), clock()).timeouts == [soon.id]
+
+
+def test_cpu_and_memory_reservations() -> None:
+    r = job(0, state=JobState.RUNNING, cpus=6, mem=10, start=0)
+    big = job(0, cpus=4, submit=1)
+    small = job(0, cpus=2, mem=6, submit=2, limit=10)
+    d = schedule([r, big, small], GPUS, Policy(node_cpus=8, node_mem=16), 1000)
+    assert d.starts == [] and d.reasons[big.id] == R_RESOURCES
+
+
+def test_foreign_process_blocks_gpu_and_is_named_in_reason() -> None:
+    p = job(4)
+    q = job(3, submit=5)
+    d = schedule([p], GPUS, Policy(), 1000, unavailable={"g1": "pid 42 of mallory, 300 MiB"})
+    assert d.starts == []
+    assert "pid 42 of mallory" in d.reasons[p.id] and "g1" in d.reasons[p.id]
+    d2 = schedule([q], GPUS, Policy(), 1000, unavailable={"g1": "pid 42 of mallory"})
+    assert d2.starts == [(q.id, ["g0", "g2", "g3"])]
