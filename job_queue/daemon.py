@@ -49,6 +49,7 @@ class Daemon:
         self.next_deadline: float | None = None
         self._pumps: dict[int, threading.Thread] = {}
         self._pump_lock = threading.Lock()
+        self._removing: set[str] = set()
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="labq-worker")
         self._gpus: list[GpuInfo] = inventory.snapshot(())
         self._gpus_read = clock()
@@ -246,14 +247,31 @@ class Daemon:
         except Exception:
             log.exception("job %d: stop failed", job_id)
 
-    def _remove_later(self, job_id: int, cid: str) -> None:
+    def _remove_later(self, job: Job, cid: str) -> None:
+        """Remove a finished container once its whole output is in the job's log file."""
+
+        with self._pump_lock:
+            if cid in self._removing:
+                return
+            self._removing.add(cid)
+
         def run() -> None:
-            t = self._pumps.get(job_id)
+            t = self._pumps.get(job.id)
             if t is not None:
                 t.join(60)
+            else:  # exited while labqd was down: the file may be partial, rewrite it from Docker
+                try:
+                    self.runtime.write_logs(cid, log_path(self.cfg, job.id), job.spec.uid, job.spec.gid,
+                                            False)
+                except Exception:
+                    log.exception("job %d: could not save the output", job.id)
             with self._pump_lock:
-                self._pumps.pop(job_id, None)
-            self.runtime.remove(cid)
+                self._pumps.pop(job.id, None)
+            try:
+                self.runtime.remove(cid)
+            finally:
+                with self._pump_lock:
+                    self._removing.discard(cid)
 
         self._workers.submit(run)
 
@@ -274,7 +292,7 @@ class Daemon:
                 self._pump(job, cid)  # log stream ended early (dockerd restart): follow again
             return
         if job.state.final:
-            self._remove_later(job_id, cid)
+            self._remove_later(job, cid)
             return
         code = info.exit_code
         if job.stop_reason == StopReason.CANCEL:
@@ -289,7 +307,7 @@ class Daemon:
         self.store.update(job_id, state=state, reason=reason, exit_code=code, oom_killed=info.oom_killed,
                           end_time=info.finished_at or self.clock(),
                           start_time=info.started_at or job.start_time, container_id=cid)
-        self._remove_later(job_id, cid)
+        self._remove_later(job, cid)
 
     def reconcile(self) -> None:
         """Match the store against labq-labelled containers after a (re)start or lost event stream."""
@@ -326,10 +344,7 @@ class Daemon:
                 log.warning("container %s is labelled labq.job=%d but there is no such job; leaving it",
                             info.id[:12], job_id)
             elif info.finished:
-                with contextlib.suppress(Exception):
-                    self.runtime.write_logs(info.id, log_path(self.cfg, job_id), known.spec.uid,
-                                            known.spec.gid, False)
-                self.runtime.remove(info.id)
+                self._remove_later(known, info.id)
 
 
 def _prepare_dirs(cfg: Config) -> None:

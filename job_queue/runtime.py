@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from .config import Config
@@ -162,8 +163,11 @@ class DockerRuntime:
         if client_factory is None:
             import docker
 
+            # Ask for the API version once; later clients (one per thread) skip that round trip.
+            version = docker.from_env(timeout=120).api.api_version
+
             def client_factory() -> Any:
-                return docker.from_env(timeout=120)
+                return docker.from_env(timeout=120, version=version)
 
         self._factory = client_factory
         self._local = threading.local()
@@ -248,22 +252,23 @@ class DockerRuntime:
             self.client.api.remove_container(cid, force=True)
 
     def write_logs(self, cid: str, path: str, uid: int, gid: int, follow: bool) -> None:
-        """(Re)write the container's whole output to ``path`` (owner-only); follow until it exits."""
-        import docker.errors
+        """(Re)write the container's whole output to ``path`` (owner-only).
 
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        With ``follow`` the file is rewritten live until the container exits; without it the
+        output is written to a temporary file and renamed, so a failure never empties a good file.
+        """
+        stream = self.client.api.logs(cid, stdout=True, stderr=True, stream=True, follow=follow)
+        target = path if follow else f"{path}.tmp"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb", buffering=0, closefd=False) as fh:
-                try:
-                    stream = self.client.api.logs(cid, stdout=True, stderr=True, stream=True, follow=follow)
-                    for chunk in stream:
-                        fh.write(chunk)
-                except docker.errors.NotFound:
-                    pass
+            for chunk in stream:
+                os.write(fd, chunk)
         finally:
             os.close(fd)
+        if not follow:
+            Path(target).replace(path)
 
     def events(self) -> Iterator[tuple[str, int]]:
         """Subscribe now; the iterator yields (container id, job id) for each labq container that dies."""

@@ -276,29 +276,47 @@ def _remove_instance_containers(root: Path) -> None:
             c.remove(force=True)
 
 
+def _new_labqd(extra_config: str = "") -> Labqd:
+    root = Path(tempfile.mkdtemp(prefix="labq-test-"))
+    root.chmod(0o755)  # alice and bob must reach the socket
+    d = Labqd(root, extra_config)
+    d.start()
+    return d
+
+
+def _dispose(d: Labqd) -> None:
+    if d.proc is not None and d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+    _remove_instance_containers(d.root)
+    if not os.environ.get("LABQ_TEST_KEEP"):  # set it to keep state, logs and labqd.stderr
+        shutil.rmtree(d.root, ignore_errors=True)
+
+
 @pytest.fixture
 def make_labqd(test_image: str, users: dict[str, Any]) -> Iterator[Any]:
     """Factory: start a real labqd (extra TOML lines optional); cleaned up after the test."""
     started: list[Labqd] = []
 
     def make(extra_config: str = "") -> Labqd:
-        root = Path(tempfile.mkdtemp(prefix="labq-test-"))
-        root.chmod(0o755)  # alice and bob must reach the socket
-        d = Labqd(root, extra_config)
-        d.start()
+        d = _new_labqd(extra_config)
         started.append(d)
         return d
 
     yield make
     for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
-        _remove_instance_containers(d.root)
-        shutil.rmtree(d.root, ignore_errors=True)
+        _dispose(d)
 
 
 @pytest.fixture
 def labqd(make_labqd: Any) -> Labqd:
     d: Labqd = make_labqd()
     return d
+
+
+@pytest.fixture(scope="module")
+def shared_labqd(test_image: str, users: dict[str, Any]) -> Iterator[Labqd]:
+    """One daemon for a whole module (property-based tests send it many requests)."""
+    d = _new_labqd()
+    yield d
+    _dispose(d)
