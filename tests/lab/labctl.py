@@ -1,0 +1,450 @@
+#!/usr/bin/env python3
+"""labctl: the local lab of real systemd hosts that labkit is tested in.
+
+Sub-commands (``make lab`` and friends call these):
+
+``image``   build the node image once: debootstrap Debian 12 with systemd and python3, ``docker import``.
+            The tag carries a hash of the recipe, so the image is rebuilt only when the recipe changes.
+``infra``   the lab's private Docker network and a caching apt proxy (apt-cacher-ng) listening only on
+            loopback and the lab network's gateway.
+``up``      image + infra + the lab's hosts (containers booting systemd) + ``inventory/lab/hosts.yml``.
+``status``  what runs where and how to reach it.
+``down``    remove the hosts and the network (the image and the apt cache stay for the next run).
+
+Everything the lab downloads comes from ``LABKIT_DEBIAN_MIRROR`` (default: the first Debian mirror in this
+machine's own apt sources), so the same script works behind a proxy or with a local mirror.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("LABKIT_CACHE", "/var/cache/labkit"))
+IMAGE_REPO = "labkit/node"
+IMAGE_ALIAS = f"{IMAGE_REPO}:debian12"
+SUITE = "bookworm"
+NETWORK = os.environ.get("LABKIT_LAB_NETWORK", "labkit-lab")
+SUBNET = os.environ.get("LABKIT_LAB_SUBNET", "172.30.57.0/24")
+PROXY_PORT = int(os.environ.get("LABKIT_APT_PROXY_PORT", "3142"))
+ACNG_DIR = CACHE / "apt-cacher-ng"
+LAB_LABEL = "labkit.lab"
+
+# The flags that let a container boot systemd in this sandbox (never --privileged: it fails here).
+SYSTEMD_RUN_FLAGS: dict[str, Any] = {
+    "cgroupns": "host",
+    "volumes": {"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
+    "tmpfs": {"/run": "", "/run/lock": "", "/tmp": ""},
+    "cap_add": ["SYS_ADMIN"],
+    "security_opt": ["seccomp=unconfined"],
+    "stop_signal": "SIGRTMIN+3",
+}
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """One host of the local lab."""
+
+    name: str
+    address: str
+    groups: tuple[str, ...]
+    caps: tuple[str, ...] = field(default=())
+
+
+def lab_hosts() -> list[LabHost]:
+    """The lab's hosts: an infra host and two GPU nodes (without GPUs), as in inventory/example."""
+    prefix = SUBNET.rsplit(".", 1)[0]
+    infra = ("ldap_servers", "nfs_servers", "mail_relays", "monitoring_servers")
+    return [
+        LabHost("infra01", f"{prefix}.10", infra),
+        # A GPU node runs its own Docker engine: that needs NET_ADMIN (and vfs storage inside).
+        LabHost("gpu01", f"{prefix}.21", ("gpu_nodes",), ("NET_ADMIN",)),
+        LabHost("gpu02", f"{prefix}.22", ("gpu_nodes",), ("NET_ADMIN",)),
+    ]
+
+
+def gateway() -> str:
+    return SUBNET.rsplit(".", 1)[0] + ".1"
+
+
+def apt_proxy_url() -> str:
+    """What lab hosts put in their apt proxy setting."""
+    return f"http://{gateway()}:{PROXY_PORT}"
+
+
+def log(msg: str) -> None:
+    print(f"labctl: {msg}", flush=True)
+
+
+def docker_client() -> Any:
+    import docker  # lazy: `labctl --help` must not need the engine
+
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+    except Exception as exc:  # the SDK raises several types for "no engine"
+        sys.exit(f"labctl: no Docker engine reachable ({exc}); start dockerd first (.ci/run does)")
+    return client
+
+
+# --------------------------------------------------------------------------- image
+def host_debian_mirror() -> str:
+    """The first Debian mirror in this machine's apt sources (deb822 or one-line format)."""
+    env = os.environ.get("LABKIT_DEBIAN_MIRROR")
+    if env:
+        return env.rstrip("/")
+    candidates: list[str] = []
+    sources = Path("/etc/apt/sources.list.d")
+    for path in sorted(sources.glob("*.sources")):
+        candidates += re.findall(r"^URIs:\s*(\S+)", path.read_text(), flags=re.M)
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        candidates += re.findall(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)", legacy.read_text(), flags=re.M)
+    for uri in candidates:
+        if uri.rstrip("/").endswith("/debian"):
+            return uri.rstrip("/")
+    sys.exit("labctl: no Debian mirror found in /etc/apt; set LABKIT_DEBIAN_MIRROR")
+
+
+def recipe_files() -> list[Path]:
+    return [HERE / "image" / "packages.txt", HERE / "image" / "customize.sh"]
+
+
+def image_packages() -> list[str]:
+    text = (HERE / "image" / "packages.txt").read_text()
+    return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
+
+
+def image_tag() -> str:
+    digest = hashlib.sha256()
+    for path in recipe_files():
+        digest.update(path.read_bytes())
+    digest.update(SUITE.encode())
+    return f"{IMAGE_REPO}:debian12-{digest.hexdigest()[:12]}"
+
+
+def build_image(force: bool = False) -> str:
+    """Build (or reuse) the node image; returns its tag. Also tags it as IMAGE_ALIAS for molecule."""
+    client = docker_client()
+    tag = image_tag()
+    if not force and client.images.list(name=tag):
+        log(f"image {tag} is up to date")
+        client.images.get(tag).tag(IMAGE_ALIAS)
+        return tag
+    mirror = host_debian_mirror()
+    rootfs = CACHE / "rootfs-build"
+    if rootfs.exists():
+        shutil.rmtree(rootfs)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    log(f"debootstrap {SUITE} from {mirror} (about a minute)")
+    subprocess.run(
+        ["debootstrap", "--variant=minbase", f"--include={','.join(image_packages())}", SUITE, str(rootfs), mirror],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(["bash", str(HERE / "image" / "customize.sh"), str(rootfs), mirror, SUITE], check=True)
+    log(f"docker import -> {tag}")
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    changes = ['CMD ["/sbin/init"]', "ENV container=docker"]  # stop signal: set at run time
+    cmd = ["docker", "import"] + [arg for c in changes for arg in ("--change", c)] + ["-", tag]
+    subprocess.run(cmd, stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL)
+    if tar.wait() != 0:
+        sys.exit("labctl: tar of the rootfs failed")
+    shutil.rmtree(rootfs)
+    client.images.get(tag).tag(IMAGE_ALIAS)
+    return tag
+
+
+# --------------------------------------------------------------------------- infra
+def ensure_network(client: Any) -> None:
+    import docker
+
+    try:
+        client.networks.get(NETWORK)
+        return
+    except docker.errors.NotFound:
+        pass
+    ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=SUBNET, gateway=gateway())])
+    client.networks.create(NETWORK, driver="bridge", ipam=ipam, labels={LAB_LABEL: "network"})
+    log(f"network {NETWORK} ({SUBNET}) created")
+
+
+def proxy_running() -> bool:
+    pid_file = ACNG_DIR / "pid"
+    if not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    return True
+
+
+def ensure_proxy() -> None:
+    """apt-cacher-ng on loopback and the lab gateway only; the cache outlives the lab."""
+    if proxy_running():
+        return
+    binary = shutil.which("apt-cacher-ng") or "/usr/sbin/apt-cacher-ng"
+    if not Path(binary).exists():
+        sys.exit("labctl: apt-cacher-ng is not installed (apt-get install apt-cacher-ng)")
+    for sub in ("cache", "log", "conf"):
+        (ACNG_DIR / sub).mkdir(parents=True, exist_ok=True)
+    # Our own minimal config: no remapping to distribution mirror lists (those hosts may be unreachable
+    # here); the proxy forwards exactly the URL a host asked for and caches it.
+    (ACNG_DIR / "conf" / "acng.conf").write_text(
+        f"CacheDir: {ACNG_DIR / 'cache'}\nLogDir: {ACNG_DIR / 'log'}\n"
+        "SupportDir: /usr/lib/apt-cacher-ng\nExThreshold: 4\nPassThroughPattern: .*:443$\n"
+    )
+    subprocess.run(
+        [
+            binary,
+            "-c",
+            str(ACNG_DIR / "conf"),
+            "ForeGround=0",
+            f"BindAddress=127.0.0.1 {gateway()}",
+            f"Port={PROXY_PORT}",
+            f"PidFile={ACNG_DIR / 'pid'}",
+            f"SocketPath={ACNG_DIR / 'socket'}",
+        ],
+        check=True,
+    )
+    for _ in range(50):
+        if proxy_running():
+            log(f"apt proxy listening on 127.0.0.1 and {gateway()} port {PROXY_PORT}")
+            return
+        time.sleep(0.1)
+    sys.exit("labctl: apt-cacher-ng did not start; see " + str(ACNG_DIR / "log"))
+
+
+def infra() -> None:
+    client = docker_client()
+    ensure_network(client)
+    ensure_proxy()
+
+
+# --------------------------------------------------------------------------- hosts
+def container_name(host: LabHost) -> str:
+    return f"labkit-{host.name}"
+
+
+def start_host(client: Any, host: LabHost, image: str) -> Any:
+    import docker
+
+    name = container_name(host)
+    try:
+        container = client.containers.get(name)
+        if container.image.tags and image not in container.image.tags:
+            log(f"{host.name} runs an older image; recreating it")
+            container.remove(force=True)
+        else:
+            if container.status != "running":
+                container.start()
+            return container
+    except docker.errors.NotFound:
+        pass
+    flags = dict(SYSTEMD_RUN_FLAGS)
+    flags["cap_add"] = [*flags["cap_add"], *host.caps]
+    volumes = dict(flags.pop("volumes"))
+    if "gpu_nodes" in host.groups:
+        # Docker-in-Docker needs a real (non-overlay) directory for its data root.
+        volumes[f"labkit-{host.name}-docker"] = {"bind": "/var/lib/docker", "mode": "rw"}
+    container = client.containers.create(
+        image,
+        name=name,
+        hostname=host.name,
+        detach=True,
+        labels={LAB_LABEL: "host", "labkit.host": host.name},
+        volumes=volumes,
+        **flags,
+    )
+    client.networks.get(NETWORK).connect(container, ipv4_address=host.address, aliases=[host.name])
+    try:
+        client.networks.get("bridge").disconnect(container)
+    except docker.errors.APIError:
+        pass
+    container.start()
+    log(f"{host.name} started at {host.address}")
+    return container
+
+
+def wait_for_systemd(container: Any, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    state = "unknown"
+    while time.monotonic() < deadline:
+        code, out = container.exec_run(["systemctl", "is-system-running"])
+        state = out.decode().strip()
+        if state in ("running", "degraded"):
+            return state
+        time.sleep(1)
+    sys.exit(f"labctl: {container.name}: systemd did not finish booting (state {state})")
+
+
+def admin_key() -> Path:
+    """The lab admin's SSH key pair (made once, outside git); its public half goes into the inventory."""
+    key = REPO / ".lab" / "admin_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "labadmin@labkit-lab", "-f", str(key)], check=True
+        )
+    return key
+
+
+def write_inventory(hosts: list[LabHost]) -> Path:
+    groups: dict[str, dict[str, Any]] = {}
+    for host in hosts:
+        for group in host.groups:
+            groups.setdefault(group, {"hosts": {}})["hosts"][host.name] = None
+    inventory = {
+        "all": {
+            "hosts": {
+                h.name: {
+                    "ansible_connection": "community.docker.docker",
+                    "ansible_host": container_name(h),
+                    "lab_address": h.address,
+                }
+                for h in hosts
+            },
+            "children": groups,
+            "vars": {"lab_admin_pubkey": admin_key().with_suffix(".pub").read_text().strip()},
+        }
+    }
+    path = REPO / "inventory" / "lab" / "hosts.yml"
+    header = "# Written by `make lab` (tests/lab/labctl.py); do not edit.\n---\n"
+    path.write_text(header + yaml.safe_dump(inventory, sort_keys=False))
+    return path
+
+
+def up() -> None:
+    image = build_image()
+    client = docker_client()
+    ensure_network(client)
+    ensure_proxy()
+    hosts = lab_hosts()
+    containers = [start_host(client, h, image) for h in hosts]
+    for container in containers:
+        state = wait_for_systemd(container)
+        log(f"{container.name}: systemd {state}")
+    path = write_inventory(hosts)
+    log(f"inventory written to {path.relative_to(REPO)}")
+
+
+def lab_containers(client: Any) -> list[Any]:
+    return list(client.containers.list(all=True, filters={"label": f"{LAB_LABEL}=host"}))
+
+
+def status(as_json: bool = False) -> None:
+    client = docker_client()
+    rows = []
+    by_name = {container_name(h): h for h in lab_hosts()}
+    for container in sorted(lab_containers(client), key=lambda c: c.name):
+        host = by_name.get(container.name)
+        rows.append(
+            {
+                "host": container.labels.get("labkit.host", container.name),
+                "state": container.status,
+                "address": host.address if host else "?",
+                "groups": list(host.groups) if host else [],
+                "services": running_services(container) if container.status == "running" else [],
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("The lab is not running. Start it with: make lab")
+        return
+    print(f"{'HOST':<9} {'STATE':<8} {'ADDRESS':<14} {'GROUPS':<55} SERVICES")
+    for row in rows:
+        print(
+            f"{row['host']:<9} {row['state']:<8} {row['address']:<14} {','.join(row['groups']):<55} "
+            f"{' '.join(row['services']) or '-'}"
+        )
+    print(
+        "\nReach a host:  docker exec -it labkit-<host> bash   (or ansible -i inventory/lab <host> -m ping)"
+        f"\nApt proxy:     {apt_proxy_url()} (apt-cacher-ng on this machine)"
+        "\nRemove it all: make lab-down"
+    )
+
+
+# Services labkit's roles may start; `status` lists those active on each host.
+WATCHED_SERVICES = (
+    "ssh",
+    "chrony",
+    "slapd",
+    "sssd",
+    "postfix",
+    "docker",
+    "prometheus",
+    "prometheus-alertmanager",
+    "prometheus-node-exporter",
+    "labqd",
+)
+
+
+def running_services(container: Any) -> list[str]:
+    _, out = container.exec_run(["systemctl", "is-active", *WATCHED_SERVICES])
+    states = out.decode().split()
+    return [svc for svc, state in zip(WATCHED_SERVICES, states, strict=False) if state == "active"]
+
+
+def down() -> None:
+    client = docker_client()
+    for container in lab_containers(client):
+        container.remove(force=True, v=True)
+        log(f"removed {container.name}")
+    for volume in client.volumes.list(filters={"name": "labkit-"}):
+        volume.remove(force=True)
+    for network in client.networks.list(names=[NETWORK]):
+        network.remove()
+        log(f"removed network {NETWORK}")
+    if proxy_running():
+        os.kill(int((ACNG_DIR / "pid").read_text().strip()), 15)
+        log("apt proxy stopped (its cache is kept)")
+    inventory = REPO / "inventory" / "lab" / "hosts.yml"
+    inventory.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="labctl", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    img = sub.add_parser("image", help="build or reuse the node image")
+    img.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
+    sub.add_parser("infra", help="lab network and apt proxy")
+    sub.add_parser("up", help="start the lab's hosts and write inventory/lab/hosts.yml")
+    st = sub.add_parser("status", help="what runs where")
+    st.add_argument("--json", action="store_true")
+    sub.add_parser("down", help="remove the lab (keeps the image and the apt cache)")
+    sub.add_parser("proxy-url", help="print the apt proxy URL lab hosts use")
+    args = parser.parse_args(argv)
+    if args.command == "image":
+        print(build_image(force=args.force))
+    elif args.command == "infra":
+        infra()
+    elif args.command == "up":
+        up()
+    elif args.command == "status":
+        status(as_json=args.json)
+    elif args.command == "down":
+        down()
+    elif args.command == "proxy-url":
+        print(apt_proxy_url())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
