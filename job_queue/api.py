@@ -39,9 +39,15 @@ class _Handler(socketserver.StreamRequestHandler):
                 return
             if not line:
                 return
-            if len(line) > limit and not line.endswith(b"\n"):
+            if len(line) > limit:
+                # Skip the rest of the oversized line (reading, never storing it), then answer.
+                while line and not line.endswith(b"\n"):
+                    try:
+                        line = self.rfile.readline(65536)
+                    except (OSError, TimeoutError):
+                        return
                 self._reply(error(ErrorCode.INVALID, f"request: larger than {limit} bytes"))
-                return  # cannot resynchronise inside an oversized line
+                continue
             self._reply(self._dispatch(caller, line, ident_error))
 
     def _dispatch(self, caller: Caller | None, line: bytes, ident_error: str) -> dict[str, Any]:
