@@ -1,10 +1,148 @@
-"""Make the exporter importable from the source tree even before `pip install -e .`."""
+"""Fixtures of the monitoring tests.
+
+`stack` (session): a real Prometheus on loopback, configured from
+monitoring/prometheus/prometheus.example.yml and the repo's rules, scraping a real
+node_exporter, the real labkit GPU-user exporter, and two static stand-ins serving the
+dcgm-exporter and labq contract samples (tests/monitoring/data/*.prom).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 _SRC = Path(__file__).resolve().parents[2] / "monitoring" / "exporters"
 if str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
+
+import requests  # noqa: E402
+import yaml  # noqa: E402
+from mon_helpers import (  # noqa: E402
+    MONITORING,
+    RULES_DIR,
+    exporter_env,
+    free_port,
+    http_ok,
+    need_binary,
+    running,
+    wait_for,
+)
+from sinks import StaticExporter  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data"
+TEST_HOST = "testhost"
+TEST_GPU_MODEL = "NVIDIA A100-SXM4-80GB"
+
+
+@dataclass
+class Stack:
+    prometheus: str  # base URL
+
+    def query(self, expr: str) -> dict[str, Any]:
+        """Instant query; returns Prometheus' JSON answer whatever its status."""
+        resp = requests.get(f"{self.prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+        answer: dict[str, Any] = resp.json()
+        return answer
+
+    def series(self, expr: str) -> list[dict[str, Any]]:
+        answer = self.query(expr)
+        assert answer["status"] == "success", f"{expr}: {answer}"
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+
+def _prometheus_config(tmp: Path, ports: dict[str, int], prom_port: int) -> Path:
+    cfg: dict[str, Any] = yaml.safe_load((MONITORING / "prometheus" / "prometheus.example.yml").read_text())
+    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    cfg["rule_files"] = [str(RULES_DIR / "*.rules.yml")]
+    cfg.pop("alerting")
+    labels = {"host": TEST_HOST, "role": "gpu", "gpu_model": TEST_GPU_MODEL}
+    kept = []
+    for job in cfg["scrape_configs"]:
+        name = job["job_name"]
+        if "file_sd_configs" in job:
+            groups = [{"targets": [f"127.0.0.1:{ports[name]}"], "labels": labels}] if name in ports else []
+            target_file = tmp / f"{name}.yml"
+            target_file.write_text(yaml.safe_dump(groups))
+            job["file_sd_configs"] = [{"files": [str(target_file)]}]
+        elif name == "prometheus":
+            job["static_configs"][0]["targets"] = [f"127.0.0.1:{prom_port}"]
+        else:
+            continue  # alertmanager: not running here
+        kept.append(job)
+    cfg["scrape_configs"] = kept
+    path = tmp / "prometheus.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    prometheus = need_binary("prometheus")
+    node_exporter = need_binary("prometheus-node-exporter", "node_exporter")
+    tmp = tmp_path_factory.mktemp("stack")
+    ports = {"node": free_port(), "gpu_users": free_port()}
+    prom_port = free_port()
+    dcgm = StaticExporter((DATA / "dcgm_sample.prom").read_text())
+    labq = StaticExporter((DATA / "labq_sample.prom").read_text())
+    ports.update(dcgm=dcgm.port, labq=labq.port)
+    (tmp / "textfile").mkdir()
+    config = _prometheus_config(tmp, ports, prom_port)
+    with contextlib.ExitStack() as stop:
+        stop.callback(dcgm.close)
+        stop.callback(labq.close)
+        stop.enter_context(
+            running(
+                [
+                    node_exporter,
+                    f"--web.listen-address=127.0.0.1:{ports['node']}",
+                    "--collector.cpu.info",
+                    f"--collector.textfile.directory={tmp / 'textfile'}",
+                ],
+                tmp / "node_exporter.log",
+            )
+        )
+        stop.enter_context(
+            running(
+                [
+                    sys.executable,
+                    "-m",
+                    "labkit_exporters.gpu_users",
+                    "--listen-address",
+                    "127.0.0.1",
+                    "--port",
+                    str(ports["gpu_users"]),
+                    "--docker-url",
+                    "none",
+                ],
+                tmp / "gpu_users.log",
+                env=exporter_env(),
+            )
+        )
+        stop.enter_context(
+            running(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                tmp / "prometheus.log",
+            )
+        )
+        s = Stack(prometheus=f"http://127.0.0.1:{prom_port}")
+        wait_for(lambda: http_ok(f"{s.prometheus}/-/ready"), what="prometheus ready")
+
+        def scraped_twice() -> bool:
+            up = {r["metric"]["job"]: r["value"][1] for r in s.series("up")}
+            scrapes = {r["metric"]["job"]: float(r["value"][1]) for r in s.series("count_over_time(up[1m])")}
+            return all(up.get(j) == "1" and scrapes.get(j, 0) >= 3 for j in ports)
+
+        wait_for(scraped_twice, timeout=30, what="all targets scraped twice")
+        yield s

@@ -96,3 +96,30 @@ class SmtpSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class StaticExporter:
+    """Serves a fixed exposition text on /metrics, standing in for an exporter this machine cannot run."""
+
+    def __init__(self, text: str) -> None:
+        payload = text.encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
