@@ -121,12 +121,21 @@ def test_slack_and_email_firing_then_resolved(alertmanager: str, slack: SlackSin
 
 
 def test_inhibition_node_down_and_critical_over_warning(alertmanager: str, slack: SlackSink) -> None:
+    # Sources first: Alertmanager's inhibitor learns of alerts asynchronously, and with the
+    # test's 1 s group_wait a target posted in the same request could be flushed before it.
     post(
         alertmanager,
         alert("NodeDown", "critical", "gpu09"),
+        alert("GpuTemperatureHigh", "critical", "gpu11", gpu="1"),
+    )
+    wait_for(
+        lambda: len(requests.get(f"{alertmanager}/api/v2/alerts", timeout=5).json()) == 2 or None,
+        what="source alerts stored",
+    )
+    post(
+        alertmanager,
         alert("NodeHighLoad", "warning", "gpu09"),
         alert("NodeHighLoad", "warning", "gpu10"),
-        alert("GpuTemperatureHigh", "critical", "gpu11", gpu="1"),
         alert("GpuTemperatureHigh", "warning", "gpu11", gpu="1"),
         alert("GpuTemperatureHigh", "warning", "gpu11", gpu="2"),
     )
