@@ -26,7 +26,7 @@ from .api import ApiServer
 from .config import Config, ConfigError, load_config
 from .gpus import GpuInfo, Inventory, make_inventory
 from .models import Job, JobState, StopReason
-from .runtime import ContainerInfo, DockerRuntime, RuntimeError_
+from .runtime import ContainerInfo, DockerRuntime, Runtime, RuntimeError_
 from .scheduler import Policy, schedule
 from .service import Service, log_path
 from .store import SqliteStore
@@ -37,7 +37,7 @@ Message = tuple[Any, ...]
 
 
 class Daemon:
-    def __init__(self, cfg: Config, store: SqliteStore, runtime: DockerRuntime, inventory: Inventory,
+    def __init__(self, cfg: Config, store: SqliteStore, runtime: Runtime, inventory: Inventory,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.store = store
@@ -303,7 +303,12 @@ class Daemon:
             state, reason = JobState.SUCCEEDED, ""
         else:
             state = JobState.FAILED
-            reason = "OOM killed" if info.oom_killed else f"exit code {code}"
+            if info.oom_killed:
+                reason = "OOM killed"
+            elif code is not None and 128 < code < 160:
+                reason = f"killed by signal {code - 128} (exit code {code})"
+            else:
+                reason = f"exit code {code}"
         self.store.update(job_id, state=state, reason=reason, exit_code=code, oom_killed=info.oom_killed,
                           end_time=info.finished_at or self.clock(),
                           start_time=info.started_at or job.start_time, container_id=cid)

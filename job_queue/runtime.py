@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .config import Config
 from .models import Job
@@ -154,6 +154,20 @@ def _info(attrs: dict[str, Any]) -> ContainerInfo:
         started_at=parse_docker_time(state.get("StartedAt")),
         finished_at=parse_docker_time(state.get("FinishedAt")),
     )
+
+
+class Runtime(Protocol):
+    """What the daemon needs from a container backend (DockerRuntime; fakes in unit tests)."""
+
+    def image_exists(self, image: str) -> bool: ...
+    def inspect(self, container: str) -> ContainerInfo | None: ...
+    def list_jobs(self) -> list[ContainerInfo]: ...
+    def create_and_start(self, job: Job) -> str: ...
+    def start_created(self, cid: str) -> None: ...
+    def stop(self, cid: str, grace: float) -> None: ...
+    def remove(self, cid: str) -> None: ...
+    def write_logs(self, cid: str, path: str, uid: int, gid: int, follow: bool) -> None: ...
+    def events(self) -> Iterator[tuple[str, int]]: ...
 
 
 class DockerRuntime:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TEST_IMAGE = "labq-test-busybox:1"
 APPLETS = ("sh", "true", "false", "sleep", "echo", "id", "cat", "touch", "ls", "env", "pwd", "stat",
-           "kill", "head", "seq", "dd", "yes", "mkdir", "rm", "grep", "wc", "trap")
+           "kill", "head", "seq", "dd", "yes", "mkdir", "rm", "grep", "wc", "tr", "trap")
 USERS = ("alice", "bob")
 MEMBER_GROUP = "labqtest-members"  # alice's supplementary group, to check group propagation
 

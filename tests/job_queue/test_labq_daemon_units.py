@@ -1,0 +1,171 @@
+"""The daemon's start, exit and crash-recovery logic against an in-memory fake container backend."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from job_queue.config import parse_config
+from job_queue.daemon import Daemon
+from job_queue.gpus import FakeInventory
+from job_queue.models import JobSpec, JobState, StopReason
+from job_queue.runtime import ContainerInfo, RuntimeError_
+from job_queue.store import SqliteStore
+
+
+def info(cid: str, job_id: int | None, status: str, code: int | None, oom: bool,
+         finished: float | None) -> ContainerInfo:
+    return ContainerInfo(id=cid, job_id=job_id, status=status, instance="inst", exit_code=code,
+                         oom_killed=oom, started_at=10.0, finished_at=finished)
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.containers: dict[str, ContainerInfo] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail_create: str | None = None
+        self._ids = itertools.count(1)
+
+    def add(self, job_id: int | None, status: str, exit_code: int = 0, oom: bool = False) -> str:
+        cid = f"c{next(self._ids):063d}"
+        self.containers[cid] = info(cid, job_id, status, exit_code, oom, 20.0)
+        return cid
+
+    def image_exists(self, image: str) -> bool:
+        return True
+
+    def inspect(self, container: str) -> ContainerInfo | None:
+        return self.containers.get(container)
+
+    def list_jobs(self) -> list[ContainerInfo]:
+        return list(self.containers.values())
+
+    def create_and_start(self, job: object) -> str:
+        job_id = job.id  # type: ignore[attr-defined]
+        self.calls.append(("create", str(job_id)))
+        if self.fail_create:
+            raise RuntimeError_(self.fail_create)
+        return self.add(job_id, "running")
+
+    def start_created(self, cid: str) -> None:
+        self.calls.append(("start", cid))
+        old = self.containers[cid]
+        self.containers[cid] = info(cid, old.job_id, "running", None, False, None)
+
+    def stop(self, cid: str, grace: float) -> None:
+        self.calls.append(("stop", cid))
+
+    def remove(self, cid: str) -> None:
+        self.calls.append(("remove", cid))
+        self.containers.pop(cid, None)
+
+    def write_logs(self, cid: str, path: str, uid: int, gid: int, follow: bool) -> None:
+        self.calls.append(("logs-follow" if follow else "logs", cid))
+        Path(path).write_text(f"output of {cid[-3:]}\n")
+
+    def events(self) -> Iterator[tuple[str, int]]:
+        return iter(())
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[Daemon, SqliteStore, FakeRuntime]]:
+    cfg = parse_config({"gpus": ["g0", "g1"], "state_dir": str(tmp_path), "log_dir": str(tmp_path),
+                        "node_cpus": 4, "node_mem_bytes": 2**34})
+    store = SqliteStore(str(tmp_path / "q.db"))
+    rt = FakeRuntime()
+    d = Daemon(cfg, store, rt, FakeInventory(["g0", "g1"]), clock=lambda: 100.0)
+    yield d, store, rt
+    d._workers.shutdown(wait=True)
+
+
+def spec(gpus: int = 1) -> JobSpec:
+    return JobSpec(user="alice", uid=1000, gid=1000, groups=[1000], home="/home/alice", cwd="/home/alice",
+                   image="img", command=["true"], gpus=gpus)
+
+
+def test_schedule_pass_starts_each_job_once(env: tuple[Daemon, SqliteStore, FakeRuntime]) -> None:
+    d, store, rt = env
+    ids = store.add_jobs([spec(), spec(), spec()], now=1.0)
+    d.schedule_pass()
+    d.schedule_pass()
+    assert [c for c in rt.calls if c[0] == "create"] == [("create", "1"), ("create", "2")]
+    j1, j3 = store.get(ids[0]), store.get(ids[2])
+    assert j1 is not None and j1.state == JobState.RUNNING and j1.start_count == 1 and j1.container_id
+    assert j3 is not None and j3.state == JobState.PENDING and j3.reason == "Resources"
+
+
+def test_failed_create_fails_the_job(env: tuple[Daemon, SqliteStore, FakeRuntime]) -> None:
+    d, store, rt = env
+    (job_id,) = store.add_jobs([spec()], now=1.0)
+    rt.fail_create = "image 'img' not found on this node"
+    d.schedule_pass()
+    job = store.get(job_id)
+    assert job is not None and job.state == JobState.FAILED and "not found" in job.reason
+
+
+def test_reconcile_resumes_or_adopts_and_records_exits(env: tuple[Daemon, SqliteStore, FakeRuntime]) -> None:
+    d, store, rt = env
+    ids = store.add_jobs([spec(0) for _ in range(6)], now=1.0)
+    for i in ids:
+        assert store.mark_starting(i, [], 50.0)
+    # 1: recorded as starting, container never created (crash right after the record)
+    # 2: container created but not started
+    c2 = rt.add(ids[1], "created")
+    # 3: container running
+    c3 = rt.add(ids[2], "running")
+    # 4: running in the store, exited with code 3 while labqd was down
+    c4 = rt.add(ids[3], "exited", exit_code=3)
+    store.update(ids[3], state=JobState.RUNNING, container_id=c4)
+    # 5: running in the store, container gone
+    store.update(ids[4], state=JobState.RUNNING, container_id="gone")
+    # 6: OOM-killed while labqd was down
+    c6 = rt.add(ids[5], "exited", exit_code=137, oom=True)
+    store.update(ids[5], state=JobState.RUNNING, container_id=c6)
+    stranger = rt.add(999, "running")
+    d.reconcile()
+    d._workers.shutdown(wait=True)
+    creates = [c for c in rt.calls if c[0] == "create"]
+    assert creates == [("create", str(ids[0]))]
+    assert ("start", c2) in rt.calls and ("start", c3) not in rt.calls
+    states = {i: store.get(i) for i in ids}
+    assert all(j is not None for j in states.values())
+    assert states[ids[0]].state == JobState.RUNNING  # type: ignore[union-attr]
+    assert states[ids[1]].container_id == c2 and states[ids[1]].state == JobState.RUNNING  # type: ignore[union-attr]
+    assert states[ids[2]].container_id == c3 and states[ids[2]].state == JobState.RUNNING  # type: ignore[union-attr]
+    j4 = states[ids[3]]
+    assert j4 is not None and j4.state == JobState.FAILED and j4.exit_code == 3 and j4.end_time == 20.0
+    assert ("logs", c4) in rt.calls and ("remove", c4) in rt.calls
+    j5 = states[ids[4]]
+    assert j5 is not None and j5.state == JobState.FAILED and "disappeared" in j5.reason
+    j6 = states[ids[5]]
+    assert j6 is not None and j6.oom_killed and j6.reason == "OOM killed"
+    assert stranger in rt.containers and ("remove", stranger) not in rt.calls  # not ours: left alone
+
+
+@pytest.mark.parametrize(("stop", "code", "state", "reason"), [
+    (StopReason.CANCEL, 143, JobState.CANCELLED, "cancelled by bob"),
+    (StopReason.TIME_LIMIT, 137, JobState.TIMEOUT, "TimeLimit"),
+    (None, 0, JobState.SUCCEEDED, ""),
+    (None, 139, JobState.FAILED, "killed by signal 11 (exit code 139)"),
+])
+def test_exit_is_mapped_to_a_final_state(env: tuple[Daemon, SqliteStore, FakeRuntime],
+                                         stop: StopReason | None, code: int, state: JobState,
+                                         reason: str) -> None:
+    d, store, rt = env
+    (job_id,) = store.add_jobs([spec()], now=1.0)
+    d.schedule_pass()
+    job = store.get(job_id)
+    assert job is not None and job.container_id is not None
+    if stop is not None:
+        store.update(job_id, stop_reason=stop, reason="cancelled by bob")
+    old = rt.containers[job.container_id]
+    rt.containers[job.container_id] = info(old.id, job_id, "exited", code, False, 30.0)
+    d.on_exit(job.container_id, job_id)
+    d.on_exit(job.container_id, job_id)  # a second notice (event + log stream end) changes nothing
+    d._workers.shutdown(wait=True)
+    done = store.get(job_id)
+    assert done is not None and done.state == state and done.reason == reason and done.exit_code == code
+    assert [c for c in rt.calls if c[0] == "remove"] == [("remove", job.container_id)]
