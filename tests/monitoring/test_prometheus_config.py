@@ -92,7 +92,7 @@ def test_alerts_go_pending_on_this_gpu_less_host(stack: Stack) -> None:
     expected = {
         ("GpuDriverUnavailable", TEST_HOST),  # our exporter: nvml_up 0 on a host labelled with a GPU model
         ("NfsHomeNotMounted", TEST_HOST),  # this machine has no NFS /home
-        ("JobQueueStuck", ""),  # sample: 2 pending jobs, 5 free GPUs
+        ("JobQueueStuck", TEST_HOST),  # sample: 2 pending jobs, 5 free GPUs
         ("GpuAllocatedIdle", TEST_HOST),  # sample: bob's GPU 1 at 0 %
     }
     got = wait_for(
