@@ -8,7 +8,6 @@ blocked by a foreign process, a slow re-read of NVML).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -18,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -38,7 +38,7 @@ Message = tuple[Any, ...]
 
 class Daemon:
     def __init__(self, cfg: Config, store: SqliteStore, runtime: Runtime, inventory: Inventory,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, parallel_starts: int = 8) -> None:
         self.cfg = cfg
         self.store = store
         self.runtime = runtime
@@ -50,7 +50,10 @@ class Daemon:
         self._pumps: dict[int, threading.Thread] = {}
         self._pump_lock = threading.Lock()
         self._removing: set[str] = set()
-        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="labq-worker")
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="labq-worker")
+        self._starters = None
+        if parallel_starts > 0:
+            self._starters = ThreadPoolExecutor(parallel_starts, thread_name_prefix="labq-start")
         self._gpus: list[GpuInfo] = inventory.snapshot(())
         self._gpus_read = clock()
         self.service = Service(cfg, store, self, clock)
@@ -121,6 +124,8 @@ class Daemon:
                 for msg in msgs:
                     if msg[0] == "die":
                         self.on_exit(msg[1], msg[2])
+                    elif msg[0] == "started":
+                        self._on_started(msg[1], msg[2], msg[3])
                     elif msg[0] == "reconcile":
                         self.reconcile()
                 self.schedule_pass()
@@ -134,6 +139,9 @@ class Daemon:
         if self.api is not None:
             self.api.close()
         self._workers.shutdown(wait=False, cancel_futures=True)
+        if self._starters is not None:
+            # Starts already recorded finish or are resumed by the next labqd (reconcile).
+            self._starters.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
     def _timeout(self) -> float | None:
@@ -202,23 +210,36 @@ class Daemon:
             return
         job = self.store.get(job_id)
         assert job is not None
-        self._create(job)
+        if self._starters is None:
+            self._on_started(*self._create(job))
+        else:  # create/start in parallel; the main loop records the result ("started")
+            self._starters.submit(lambda: self.queue.put(("started", *self._create(job))))
 
-    def _create(self, job: Job) -> None:
+    def _create(self, job: Job) -> tuple[int, str | None, str | None]:
+        """Create and start the container: (job id, container id, error). Runs in a worker."""
         try:
-            cid = self.runtime.create_and_start(job)
+            return job.id, self.runtime.create_and_start(job), None
         except RuntimeError_ as exc:
-            self.store.update(job.id, state=JobState.FAILED, reason=str(exc), end_time=self.clock())
-            return
+            return job.id, None, str(exc)
         except Exception:
-            log.exception("job %d: docker unreachable; will resume the start on reconcile", job.id)
+            log.exception("job %d: docker unreachable; the start resumes on the next reconcile", job.id)
+            return job.id, None, None
+
+    def _on_started(self, job_id: int, cid: str | None, err: str | None) -> None:
+        if err is not None:
+            self.store.transition(job_id, [JobState.STARTING], state=JobState.FAILED, reason=err,
+                                  end_time=self.clock())
             return
-        self.store.transition(job.id, [JobState.STARTING], state=JobState.RUNNING, container_id=cid)
-        job.container_id = cid
+        if cid is None:
+            return
+        # A very short job may already be recorded as finished (its exit was seen first).
+        if not self.store.transition(job_id, [JobState.STARTING], state=JobState.RUNNING, container_id=cid):
+            return
+        job = self.store.get(job_id)
+        assert job is not None
         self._pump(job, cid)
-        fresh = self.store.get(job.id)
-        if fresh is not None and fresh.stop_reason is not None:
-            self.request_stop(job.id)
+        if job.stop_reason is not None:
+            self.request_stop(job_id)
 
     def _pump(self, job: Job, cid: str) -> None:
         """Follow the container's output into the job's log file; report the exit when it ends."""
@@ -324,7 +345,7 @@ class Daemon:
             if info is None:
                 if job.state == JobState.STARTING:
                     log.info("job %d: resuming interrupted start", job.id)
-                    self._create(job)
+                    self._on_started(*self._create(job))
                 else:
                     self.store.update(job.id, state=JobState.FAILED, end_time=self.clock(),
                                       reason="container disappeared while labqd was not running")

@@ -76,7 +76,7 @@ def env(tmp_path: Path) -> Iterator[tuple[Daemon, SqliteStore, FakeRuntime]]:
                         "node_cpus": 4, "node_mem_bytes": 2**34})
     store = SqliteStore(str(tmp_path / "q.db"))
     rt = FakeRuntime()
-    d = Daemon(cfg, store, rt, FakeInventory(["g0", "g1"]), clock=lambda: 100.0)
+    d = Daemon(cfg, store, rt, FakeInventory(["g0", "g1"]), clock=lambda: 100.0, parallel_starts=0)
     yield d, store, rt
     d._workers.shutdown(wait=True)
 
