@@ -1,0 +1,66 @@
+"""Every alert has summary, description, value and a runbook_url to a runbook that says what to do."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+from mon_helpers import REPO, RULES_DIR, RUNBOOKS_DIR
+
+RUNBOOK_BASE = "https://git.lab.example.org/labkit/labkit/-/blob/main/docs/runbooks/"
+SECTIONS = ("What it means", "How to check", "What to do", "When to escalate")
+
+
+def alerting_rules() -> list[dict[str, Any]]:
+    rules = []
+    for f in sorted(RULES_DIR.glob("*.rules.yml")):
+        for group in yaml.safe_load(f.read_text())["groups"]:
+            rules += [r for r in group["rules"] if "alert" in r]
+    return rules
+
+
+RULES = alerting_rules()
+ALERTS = sorted({r["alert"] for r in RULES})
+
+
+def sections(markdown: str) -> dict[str, str]:
+    parts = re.split(r"^## +(.+?)\s*$", markdown, flags=re.MULTILINE)
+    return {title: body.strip() for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[f"{r['alert']}-{r['labels']['severity']}" for r in RULES])
+def test_rule_annotations_and_labels(rule: dict[str, Any]) -> None:
+    annotations = rule["annotations"]
+    assert set(annotations) == {"summary", "description", "value", "runbook_url"}
+    assert "{{" in annotations["summary"] or rule["alert"] == "JobQueueStuck"
+    assert "$value" in annotations["description"] or "$labels" in annotations["description"]
+    assert annotations["runbook_url"] == f"{RUNBOOK_BASE}{rule['alert']}.md"
+    assert rule["labels"]["severity"] in ("warning", "critical")
+
+
+@pytest.mark.parametrize("alert", ALERTS)
+def test_runbook_exists_and_says_what_to_do(alert: str) -> None:
+    path = RUNBOOKS_DIR / f"{alert}.md"
+    assert path.exists(), f"write {path.relative_to(REPO)}"
+    text = path.read_text()
+    assert text.startswith(f"# {alert}\n")
+    found = sections(text)
+    for title in SECTIONS:
+        assert len(found.get(title, "")) > 40, f"{path.name}: section '{title}' missing or empty"
+    assert "```" in found["How to check"], f"{path.name}: give the exact commands to check"
+
+
+def test_no_runbook_without_alert() -> None:
+    howtos = {"add-a-dashboard", "add-an-alert"}
+    runbooks = {p.stem for p in RUNBOOKS_DIR.glob("*.md")}
+    assert runbooks - howtos == set(ALERTS)
+    assert howtos <= runbooks
+
+
+def test_relative_links_in_runbooks_resolve() -> None:
+    for path in RUNBOOKS_DIR.glob("*.md"):
+        for target in re.findall(r"\]\(([^)#]+?)(?:#[^)]*)?\)", path.read_text()):
+            if "://" not in target:
+                assert (path.parent / target).resolve().exists(), f"{path.name}: broken link {target}"
