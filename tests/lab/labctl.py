@@ -18,6 +18,7 @@ machine's own apt sources), so the same script works behind a proxy or with a lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -152,7 +153,14 @@ def build_image(force: bool = False) -> str:
     CACHE.mkdir(parents=True, exist_ok=True)
     log(f"debootstrap {SUITE} from {mirror} (about a minute)")
     subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(image_packages())}", SUITE, str(rootfs), mirror],
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(image_packages())}",
+            SUITE,
+            str(rootfs),
+            mirror,
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -272,10 +280,8 @@ def start_host(client: Any, host: LabHost, image: str) -> Any:
         **flags,
     )
     client.networks.get(NETWORK).connect(container, ipv4_address=host.address, aliases=[host.name])
-    try:
+    with contextlib.suppress(docker.errors.APIError):
         client.networks.get("bridge").disconnect(container)
-    except docker.errors.APIError:
-        pass
     container.start()
     log(f"{host.name} started at {host.address}")
     return container
@@ -285,8 +291,8 @@ def wait_for_systemd(container: Any, timeout: float = 120.0) -> str:
     deadline = time.monotonic() + timeout
     state = "unknown"
     while time.monotonic() < deadline:
-        code, out = container.exec_run(["systemctl", "is-system-running"])
-        state = out.decode().strip()
+        _code, out = container.exec_run(["systemctl", "is-system-running"])
+        state = str(out.decode()).strip()
         if state in ("running", "degraded"):
             return state
         time.sleep(1)
@@ -299,7 +305,8 @@ def admin_key() -> Path:
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "labadmin@labkit-lab", "-f", str(key)], check=True
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "labadmin@labkit-lab", "-f", str(key)],
+            check=True,
         )
     return key
 

@@ -1,0 +1,89 @@
+# labkit: one entry point for the lab, the tests and the benchmarks. `make help` lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+ROOT      := $(abspath .)
+VENV      := $(ROOT)/.venv
+BIN       := $(VENV)/bin
+PY        := $(BIN)/python
+LABCTL    := $(PY) tests/lab/labctl.py
+LAB_INV   := inventory/lab
+ROLES_WITH_MOLECULE := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
+
+export PATH := $(BIN):$(PATH)
+export LABKIT_ROOT := $(ROOT)
+export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
+
+.PHONY: help host venv lab lab-image lab-infra lab-up lab-converge lab-status lab-down \
+        test quick lint unit pytest-docker e2e molecule molecule-% bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
+
+# ------------------------------------------------------------------------------------------ setup
+host: ## apt packages (requirements/apt-host.txt) and a running dockerd on this machine
+	tests/lab/host-setup.sh
+
+$(BIN)/ansible-playbook: requirements/dev.txt requirements/constraints.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/dev.txt -c requirements/constraints.txt
+	$(BIN)/pip install -q --no-deps -e .
+	@touch $@
+
+venv: $(BIN)/ansible-playbook ## Python tools in .venv (pinned by requirements/constraints.txt)
+
+# ------------------------------------------------------------------------------------------ the lab
+lab-image: host venv ## build (or reuse) the lab's Debian 12 systemd node image
+	$(LABCTL) image
+
+lab-infra: lab-image ## the lab network and its caching apt proxy
+	$(LABCTL) infra
+
+lab-up: lab-infra ## start the lab's hosts and write inventory/lab/hosts.yml
+	$(LABCTL) up
+
+lab-converge: ## run playbooks/site.yml on the lab
+	ansible-playbook -i $(LAB_INV) playbooks/site.yml
+
+lab: lab-up lab-converge lab-status ## bring up the local lab and converge it (a second run: changed=0)
+
+lab-status: ## what runs where in the lab
+	$(LABCTL) status
+
+lab-down: venv ## remove the lab (keeps the image and the apt cache)
+	$(LABCTL) down
+
+# ------------------------------------------------------------------------------------------ tests
+test: lint unit pytest-docker e2e molecule ## everything CI runs: lint, unit, Docker, lab end-to-end, molecule
+
+quick: lint unit ## the fast loop: linters and unit tests (no Docker needed)
+
+lint: venv ## yamllint, ansible-lint (production profile), ruff, mypy
+	yamllint --strict .
+	ansible-lint --profile production --offline -q
+	ruff check .
+	ruff format --check job_queue monitoring/exporters tests
+	mypy
+
+unit: venv ## unit tests (no Docker, no lab)
+	pytest -m "not docker and not lab"
+
+pytest-docker: host venv ## tests that drive a real Docker engine (labqd, exporters)
+	pytest -m "docker and not lab"
+
+e2e: lab ## end-to-end checks against the converged lab
+	pytest -m lab
+
+molecule: lab-infra ## every role's molecule scenario (converge, idempotence, verify)
+	@for role in $(ROLES_WITH_MOLECULE); do $(MAKE) --no-print-directory molecule-$$role; done
+
+molecule-%: lab-infra ## one role's molecule scenario, e.g. make molecule-common
+	cd roles/$* && LABKIT_MOLECULE_INSTANCE=molecule-$* LABKIT_APT_PROXY=$$($(LABCTL) proxy-url) molecule test
+
+bench: venv ## benchmarks: print ratios measured in one run (not part of `make test`)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean: ## remove caches (not the lab)
+	rm -rf .cache .pytest_cache .mypy_cache .ruff_cache
