@@ -7,8 +7,13 @@ import os
 import socket
 from typing import Any
 
-from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, SOCKET_ENV
-from .protocol import PROTOCOL_VERSION
+# Duplicated from config.py/protocol.py on purpose: importing those costs tens of milliseconds of
+# CLI start-up (dataclasses, tomllib). A unit test keeps the copies equal.
+PROTOCOL_VERSION = 1
+DEFAULT_SOCKET = "/run/labq/labq.sock"
+DEFAULT_CONFIG_PATH = "/etc/labq/config.toml"
+CONFIG_ENV = "LABQ_CONFIG"
+SOCKET_ENV = "LABQ_SOCKET"
 
 
 class DaemonUnreachable(Exception):

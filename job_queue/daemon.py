@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,7 +50,7 @@ class Daemon:
         self.next_deadline: float | None = None
         self._pumps: dict[int, threading.Thread] = {}
         self._pump_lock = threading.Lock()
-        self._removing: set[str] = set()
+        self._removing: OrderedDict[str, None] = OrderedDict()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="labq-worker")
         self._starters = None
         if parallel_starts > 0:
@@ -274,7 +275,9 @@ class Daemon:
         with self._pump_lock:
             if cid in self._removing:
                 return
-            self._removing.add(cid)
+            self._removing[cid] = None
+            while len(self._removing) > 10000:  # remember recent removals only
+                self._removing.popitem(last=False)
 
         def run() -> None:
             t = self._pumps.get(job.id)
@@ -288,11 +291,7 @@ class Daemon:
                     log.exception("job %d: could not save the output", job.id)
             with self._pump_lock:
                 self._pumps.pop(job.id, None)
-            try:
-                self.runtime.remove(cid)
-            finally:
-                with self._pump_lock:
-                    self._removing.discard(cid)
+            self.runtime.remove(cid)
 
         self._workers.submit(run)
 
@@ -300,6 +299,9 @@ class Daemon:
     def on_exit(self, cid: str, job_id: int, info: ContainerInfo | None = None) -> None:
         job = self.store.get(job_id)
         if job is None:
+            return
+        if job.state.final and info is None:
+            self._remove_later(job, cid)  # a second notice for a recorded exit: no need to ask Docker
             return
         if info is None:
             info = self.runtime.inspect(cid)

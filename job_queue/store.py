@@ -71,8 +71,9 @@ class Store(Protocol):
     def instance(self) -> str: ...
 
 
-def _row_to_job(row: Sequence[Any]) -> Job:
-    spec = JobSpec(**json.loads(row[5]))
+def _row_to_job(row: Sequence[Any], spec: JobSpec | None = None) -> Job:
+    if spec is None:
+        spec = JobSpec(**json.loads(row[5]))
     return Job(
         id=row[0],
         spec=spec,
@@ -83,7 +84,7 @@ def _row_to_job(row: Sequence[Any]) -> Job:
         end_time=row[8],
         exit_code=row[9],
         oom_killed=bool(row[10]),
-        assigned_gpus=json.loads(row[11]),
+        assigned_gpus=json.loads(row[11]) if row[11] != "[]" else [],
         container_id=row[12],
         stop_reason=StopReason(row[13]) if row[13] else None,
         start_count=row[14],
@@ -101,6 +102,7 @@ class SqliteStore:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
         self._depth = 0
+        self._spec_cache: dict[int, JobSpec] = {}
         for stmt in SCHEMA.strip().split(";"):
             if stmt.strip():
                 self._conn.execute(stmt)
@@ -176,8 +178,33 @@ class SqliteStore:
         return jobs[0] if jobs else None
 
     def active_jobs(self) -> list[Job]:
+        """Pending, held, starting and running jobs, by id.
+
+        Specs never change after submission, so parsed specs of active jobs are kept between
+        calls: the daemon reads the whole queue on every scheduling pass.
+        """
         marks = ",".join("?" for _ in ACTIVE_STATES)
-        return self._select(f"WHERE state IN ({marks}) ORDER BY id", [s.value for s in ACTIVE_STATES])
+        states = [s.value for s in ACTIVE_STATES]
+        with self._lock:
+            # The spec column is only read for jobs not seen before.
+            cols = _COLUMNS.replace(" spec,", " NULL,")
+            rows = self._conn.execute(
+                f"SELECT {cols} FROM jobs WHERE state IN ({marks}) ORDER BY id", states).fetchall()  # noqa: S608
+            cache, fresh = self._spec_cache, {}
+            missing = [r[0] for r in rows if r[0] not in cache]
+            for i in range(0, len(missing), 500):
+                chunk = missing[i:i + 500]
+                q = ",".join("?" for _ in chunk)
+                for job_id, text in self._conn.execute(
+                        f"SELECT id, spec FROM jobs WHERE id IN ({q})", chunk):  # noqa: S608
+                    cache[job_id] = JobSpec(**json.loads(text))
+            jobs = []
+            for row in rows:
+                spec = cache[row[0]]
+                fresh[row[0]] = spec
+                jobs.append(_row_to_job(row, spec))
+            self._spec_cache = fresh
+        return jobs
 
     def states(self, ids: Iterable[int]) -> dict[int, JobState]:
         wanted = sorted(set(ids))

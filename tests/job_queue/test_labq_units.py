@@ -124,6 +124,14 @@ def test_wrong_version_and_size_limit() -> None:
         decode_request(b" " * 2000, max_bytes=1000)
 
 
+def test_client_constants_match_the_daemon() -> None:
+    from job_queue import client, config, protocol
+
+    assert client.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+    assert (client.DEFAULT_SOCKET, client.DEFAULT_CONFIG_PATH, client.CONFIG_ENV, client.SOCKET_ENV) == (
+        config.DEFAULT_SOCKET, config.DEFAULT_CONFIG_PATH, config.CONFIG_ENV, config.SOCKET_ENV)
+
+
 def test_parse_array() -> None:
     a = parse_array("0-15%4")
     assert list(a.indices) == list(range(16)) and a.cap == 4

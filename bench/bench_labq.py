@@ -1,0 +1,230 @@
+"""labq benchmark (run by `make bench`; needs root, a running Docker engine and busybox-static).
+
+Prints, measured in one run:
+  1. 200 jobs of `true` on 4 fake GPUs through labq vs the same 200 `docker run --rm`, four at a
+     time from a shell: wall-time ratio (goal <= 1.05).
+  2. gap from a job's exit to the next job's start on the freed GPU: p50 and p99 (goal p99 <= 0.5 s).
+  3. `labq ls` wall time with 10,000 jobs in history (goal <= 150 ms); daemon RSS with 10,000 queued.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from job_queue.models import JobSpec, JobState  # noqa: E402
+from job_queue.store import SqliteStore  # noqa: E402
+
+IMAGE = "labq-bench-busybox:1"
+N_JOBS = 200
+N_HISTORY = 10_000
+N_QUEUED = 10_000
+
+
+def ensure_image() -> None:
+    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode == 0:
+        return
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for d in ("bin", "tmp"):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o1777 if d == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add(busybox, arcname="bin/busybox")
+        for applet in ("sh", "true", "sleep"):
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "busybox"
+            tar.addfile(info)
+    subprocess.run(["docker", "import", "-c", "ENV PATH=/bin", "-", IMAGE], input=buf.getvalue(),
+                   check=True, capture_output=True)
+
+
+class Daemon:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket = str(root / "labq.sock")
+        self.config = root / "config.toml"
+        self.config.write_text(
+            f'gpus = ["GPU-b0", "GPU-b1", "GPU-b2", "GPU-b3"]\ndefault_image = "{IMAGE}"\n'
+            f'state_dir = "{root / "state"}"\nsocket = "{self.socket}"\nlog_dir = "{root / "logs"}"\n'
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "job_queue.daemon", "--config", str(self.config),
+                                      "--log-level", "WARNING"], cwd=REPO)
+        for _ in range(600):
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(self.socket)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("labqd did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+    def call(self, op: str, **fields: Any) -> Any:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(self.socket)
+            s.sendall(json.dumps({"v": 1, "op": op, **fields}).encode() + b"\n")
+            reply = json.loads(s.makefile("rb").readline())
+        if not reply["ok"]:
+            raise SystemExit(f"labq {op}: {reply['error']['message']}")
+        return reply["result"]
+
+    def rss_kib(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return -1
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bench_throughput(d: Daemon, cwd: str) -> tuple[float, list[dict[str, Any]]]:
+    t0 = time.monotonic()
+    ids = []
+    for _ in range(N_JOBS):
+        ids.extend(d.call("submit", command=["true"], cwd=cwd, gpus=1)["ids"])
+    while d.call("ls")["jobs"]:
+        time.sleep(0.02)
+    wall = time.monotonic() - t0
+    jobs = [d.call("show", id=i) for i in ids]
+    bad = [j for j in jobs if j["state"] != "succeeded"]
+    if bad:
+        raise SystemExit(f"{len(bad)} jobs did not succeed, e.g. {bad[0]['reason']}")
+    return wall, jobs
+
+
+def bench_docker() -> float:
+    t0 = time.monotonic()
+    subprocess.run(f"seq {N_JOBS} | xargs -P 4 -I{{}} docker run --rm {IMAGE} true", shell=True, check=True)
+    return time.monotonic() - t0
+
+
+def gaps(jobs: list[dict[str, Any]]) -> list[float]:
+    by_gpu: dict[str, list[dict[str, Any]]] = {}
+    for j in jobs:
+        for g in j["assigned_gpus"]:
+            by_gpu.setdefault(g, []).append(j)
+    out = []
+    for runs in by_gpu.values():
+        runs.sort(key=lambda j: j["start_time"])
+        out.extend(b["start_time"] - a["end_time"] for a, b in itertools.pairwise(runs))
+    return out
+
+
+def fill_history(db: str, n: int) -> None:
+    store = SqliteStore(db)
+    spec = JobSpec(user="root", uid=0, gid=0, groups=[0], home="/root", cwd="/root", image=IMAGE,
+                   command=["python", "train.py", "--lr", "0.1"], gpus=1, name="train")
+    now = time.time()
+    ids = store.add_jobs([spec] * n, now - 3600)
+    with store.tx():
+        for i in ids:
+            store.update(i, state=JobState.SUCCEEDED, exit_code=0, start_time=now - 3000, end_time=now - 2000,
+                         assigned_gpus=["GPU-b0"])
+    store.close()
+
+
+def time_cli(d: Daemon, *args: str, runs: int = 10) -> float:
+    env = {**os.environ, "LABQ_SOCKET": d.socket, "PYTHONPATH": str(REPO)}
+    times = []
+    for _ in range(runs):
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "job_queue.cli", *args], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        times.append(time.monotonic() - t0)
+    return statistics.median(times)
+
+
+def cleanup(d: Daemon, root: Path) -> None:
+    """SIGTERM leaves containers running by design: remove this run's containers explicitly."""
+    d.stop()
+    db = root / "state" / "labq.db"
+    if db.exists():
+        instance = SqliteStore(str(db)).instance
+        ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=labq.instance={instance}"],
+                             capture_output=True, text=True).stdout.split()
+        if ids:
+            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("bench_labq: needs root (starts labqd, talks to dockerd)", file=sys.stderr)
+        return 2
+    ensure_image()
+    root = Path(tempfile.mkdtemp(prefix="labq-bench-"))
+    root.chmod(0o755)
+    cwd = str(root / "work")
+    d = Daemon(root)
+    d.start()
+    try:
+        labq_wall, jobs = bench_throughput(d, cwd)
+        docker_wall = bench_docker()
+        g = gaps(jobs)
+        print(f"1. {N_JOBS} x true on 4 fake GPUs: labq {labq_wall:.2f} s, "
+              f"docker run --rm x4 {docker_wall:.2f} s, ratio {labq_wall / docker_wall:.3f} (goal <= 1.05)")
+        print(f"2. exit -> next start on the freed GPU ({len(g)} gaps): p50 {pct(g, 0.5) * 1000:.0f} ms, "
+              f"p99 {pct(g, 0.99) * 1000:.0f} ms (goal p99 <= 500 ms)")
+
+        d.stop()
+        fill_history(str(root / "state" / "labq.db"), N_HISTORY)
+        d.start()
+        ls_ms = time_cli(d, "ls") * 1000
+        hist_ms = time_cli(d, "history", "-n", "50") * 1000
+        help_ms = time_cli(d, "--help") * 1000
+        d.call("submit", command=["sleep", "600"], cwd=cwd, gpus=4)["ids"][0]
+        t0 = time.monotonic()
+        d.call("submit", command=["true"], cwd=cwd, gpus=1, array=f"0-{N_QUEUED - 1}")
+        submit_s = time.monotonic() - t0
+        time.sleep(2)
+        # A high-priority CPU job jumps the queue: its start latency includes a full pass over 10,000.
+        t0 = time.monotonic()
+        urgent = d.call("submit", command=["true"], cwd=cwd, gpus=0, priority=10)["ids"][0]
+        while d.call("show", id=urgent)["state"] in ("pending", "starting"):
+            time.sleep(0.005)
+        urgent_ms = (time.monotonic() - t0) * 1000
+        rss = d.rss_kib()
+        ls_queued_ms = time_cli(d, "ls", runs=3) * 1000
+        print(f"3. labq ls with {N_HISTORY} jobs in history: {ls_ms:.0f} ms median of 10 (goal <= 150 ms); "
+              f"history -n 50: {hist_ms:.0f} ms; labq --help: {help_ms:.0f} ms")
+        print(f"   daemon RSS with {N_QUEUED} queued: {rss / 1024:.1f} MiB; submitting the {N_QUEUED}-task "
+              f"array: {submit_s:.2f} s; labq ls listing all {N_QUEUED}: {ls_queued_ms:.0f} ms; "
+              f"submit-to-running of a priority job past them: {urgent_ms:.0f} ms")
+    finally:
+        cleanup(d, root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
