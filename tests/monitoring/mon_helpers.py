@@ -1,4 +1,9 @@
-"""Shared helpers for the monitoring tests: repo paths, free ports, child processes."""
+"""Shared helpers for the monitoring tests: repo paths, free ports, child processes.
+
+Importing this module also puts monitoring/exporters on sys.path, so `labkit_exporters`
+imports from the source tree whether or not the project is installed.  Test modules that
+import `labkit_exporters` therefore start with `import mon_helpers`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,6 +32,12 @@ RUNBOOKS_DIR = REPO / "docs" / "runbooks"
 EXPORTERS_SRC = MONITORING / "exporters"
 
 T = TypeVar("T")
+
+if str(EXPORTERS_SRC) not in sys.path:
+    sys.path.insert(0, str(EXPORTERS_SRC))
+
+# The helper modules hold assertions too; pytest rewrites them only if told before their import.
+pytest.register_assert_rewrite("mon_stack", "mon_sinks", "mon_dashboards", "mon_fake_nvml")
 
 
 def need_binary(*names: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 import requests
 import yaml
 from mon_helpers import ALERTMANAGER_DIR, free_port, http_ok, need_binary, running, wait_for
-from sinks import SlackSink, SmtpSink
+from mon_sinks import SlackSink, SmtpSink
 
 RUNBOOK = "https://git.lab.example.org/labkit/labkit/-/blob/main/docs/runbooks/GpuTemperatureHigh.md"
 WEBHOOK_PATH = "/services/T0LAB/B0LAB/not-a-real-secret"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TEST_HOST, Stack
-from dashboards import DASHBOARD_FILES, Target, load, sources_manifest, substitute, targets, variables
+from mon_dashboards import DASHBOARD_FILES, Target, load, sources_manifest, substitute, targets, variables
+from mon_stack import TEST_HOST, Stack
+
+pytest_plugins = ("mon_stack",)
 
 TARGETS = targets()
 MANIFEST = sources_manifest()

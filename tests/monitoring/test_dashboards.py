@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import yaml
-from dashboards import (
+from mon_dashboards import (
     DASHBOARD_FILES,
     load,
     panels,

@@ -1,13 +1,13 @@
-"""GpuUserCollector with NVML replaced by recorded data, a temp proc root and a fake Docker lookup."""
+"""GpuUserCollector with a fake NVML (canned answers in pynvml's shapes), a temp proc root, fake Docker."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import mon_helpers  # noqa: F401  (puts the exporter source on sys.path)
 import pynvml
 import pytest
-from fake_nvml import FakeNvml
 from hypothesis import given
 from hypothesis import strategies as st
 from labkit_exporters.gpu_users import (
@@ -18,6 +18,7 @@ from labkit_exporters.gpu_users import (
     ProcFs,
     build_registry,
 )
+from mon_fake_nvml import FakeNvml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

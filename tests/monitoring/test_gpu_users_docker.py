@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mon_helpers  # noqa: F401  (puts the exporter source on sys.path)
 import pytest
-from fake_nvml import FakeNvml
 from labkit_exporters.gpu_users import DockerContainerLookup, build_registry
+from mon_fake_nvml import FakeNvml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import TEST_GPU_MODEL, TEST_HOST, Stack
 from mon_helpers import MONITORING, RULES_DIR, need_binary, wait_for
+from mon_stack import TEST_GPU_MODEL, TEST_HOST, Stack
+
+pytest_plugins = ("mon_stack",)
 
 PROM_DIR = MONITORING / "prometheus"
 EXAMPLE = PROM_DIR / "prometheus.example.yml"

@@ -1,9 +1,10 @@
-"""Fixtures of the monitoring tests.
-
-`stack` (session): a real Prometheus on loopback, configured from
+"""The `stack` fixture: a real Prometheus on loopback, configured from
 monitoring/prometheus/prometheus.example.yml and the repo's rules, scraping a real
 node_exporter, the real labkit GPU-user exporter, and two static stand-ins serving the
 dcgm-exporter and labq contract samples (tests/monitoring/data/*.prom).
+
+Test modules that use it declare `pytest_plugins = ("mon_stack",)`, so it is one session
+fixture for all of them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-_SRC = Path(__file__).resolve().parents[2] / "monitoring" / "exporters"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
-
-import requests  # noqa: E402
-import yaml  # noqa: E402
-from mon_helpers import (  # noqa: E402
+import requests
+import yaml
+from mon_helpers import (
     MONITORING,
     RULES_DIR,
     exporter_env,
@@ -33,7 +29,7 @@ from mon_helpers import (  # noqa: E402
     running,
     wait_for,
 )
-from sinks import StaticExporter  # noqa: E402
+from mon_sinks import StaticExporter
 
 DATA = Path(__file__).resolve().parent / "data"
 TEST_HOST = "testhost"

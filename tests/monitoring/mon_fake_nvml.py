@@ -1,4 +1,4 @@
-"""A stand-in for the pynvml module: the six calls NvmlGpuSource uses, answering from recorded data."""
+"""A stand-in for the pynvml module: the six calls NvmlGpuSource uses, answering from canned data."""
 
 from __future__ import annotations
 
