@@ -65,7 +65,8 @@ class Daemon:
         self.config = root / "config.toml"
         self.config.write_text(
             f'gpus = ["GPU-b0", "GPU-b1", "GPU-b2", "GPU-b3"]\ndefault_image = "{IMAGE}"\n'
-            f'state_dir = "{root / "state"}"\nsocket = "{self.socket}"\nlog_dir = "{root / "logs"}"\n'
+            f'metrics_port = 0\nstate_dir = "{root / "state"}"\nsocket = "{self.socket}"\n'
+            f'log_dir = "{root / "logs"}"\n'
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -53,6 +53,9 @@ class Config:
     """CPUs jobs may reserve in total; 0 means os.cpu_count()."""
     node_mem_bytes: int = 0
     """Memory jobs may reserve in total; 0 means physical memory."""
+    metrics_port: int = 9848
+    """Prometheus /metrics port (0 disables)."""
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - scraped by the lab's Prometheus server
     foreign_refresh_s: float = 30.0
     """How often NVML is re-read for foreign processes while a GPU is blocked by one."""
 
@@ -105,7 +108,8 @@ def _parse_mount(name: str, spec: Any) -> MountSpec:
 KNOWN_KEYS = {
     "gpus", "admin_group", "max_gpus_per_user", "mounts", "default_image", "allowed_images",
     "allow_host_network", "state_dir", "socket", "log_dir", "kill_grace", "max_command_bytes",
-    "max_request_bytes", "node_cpus", "node_mem_bytes", "foreign_refresh_s",
+    "max_request_bytes", "node_cpus", "node_mem_bytes", "foreign_refresh_s", "metrics_port",
+    "metrics_address",
 }
 
 
@@ -145,7 +149,11 @@ def parse_config(data: dict[str, Any]) -> Config:
         node_cpus=float(_get(data, "node_cpus", (int, float), 0.0)),
         node_mem_bytes=_get(data, "node_mem_bytes", int, 0),
         foreign_refresh_s=float(_get(data, "foreign_refresh_s", (int, float), 30.0)),
+        metrics_port=_get(data, "metrics_port", int, 9848),
+        metrics_address=_get(data, "metrics_address", str, Config.metrics_address),
     )
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise ConfigError("config: 'metrics_port' must be a port number (0 disables metrics)")
     if cfg.max_gpus_per_user < 0 or cfg.kill_grace < 0 or cfg.max_command_bytes <= 0:
         raise ConfigError("config: numeric values must not be negative")
     return cfg

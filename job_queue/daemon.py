@@ -26,6 +26,7 @@ from typing import Any
 from .api import ApiServer
 from .config import Config, ConfigError, load_config
 from .gpus import GpuInfo, Inventory, make_inventory
+from .metrics import Metrics
 from .models import Job, JobState, StopReason
 from .runtime import ContainerInfo, DockerRuntime, Runtime, RuntimeError_
 from .scheduler import Policy, schedule
@@ -61,6 +62,7 @@ class Daemon:
         self.policy = Policy(max_gpus_per_user=cfg.max_gpus_per_user, node_cpus=cfg.effective_cpus(),
                              node_mem=cfg.effective_mem())
         self.api: ApiServer | None = None
+        self.metrics = Metrics(self.store.active_jobs, self.gpu_report)
 
     # ------------------------------------------------------------ Backend for the service
     def wake(self) -> None:
@@ -109,6 +111,11 @@ class Daemon:
         self.reconcile()
         self.api = ApiServer(self.cfg.socket_path, self.service)
         self.api.serve_in_thread()
+        if self.cfg.metrics_port:
+            try:
+                self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_address)
+            except OSError:
+                log.exception("cannot serve metrics on port %d; continuing without", self.cfg.metrics_port)
         log.info("labqd listening on %s", self.cfg.socket_path)
         self.schedule_pass()
         while not self.stopping():
@@ -211,6 +218,7 @@ class Daemon:
             return
         job = self.store.get(job_id)
         assert job is not None
+        self.metrics.job_started(job, self.clock())
         if self._starters is None:
             self._on_started(*self._create(job))
         else:  # create/start in parallel; the main loop records the result ("started")

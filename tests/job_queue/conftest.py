@@ -161,7 +161,7 @@ def run_as(user: str, argv: list[str], cwd: str | None,
 class Labqd:
     """A real labqd process with its own state dir, socket and log dir."""
 
-    def __init__(self, root: Path, extra_config: str = "") -> None:
+    def __init__(self, root: Path, extra_config: str = "", metrics_port: int = 0) -> None:
         self.root = root
         self.socket = str(root / "run" / "labq.sock")
         self.log_dir = root / "logs"
@@ -175,6 +175,7 @@ state_dir = "{root / 'state'}"
 socket = "{self.socket}"
 log_dir = "{self.log_dir}"
 kill_grace = 2
+metrics_port = {metrics_port}
 {extra_config}
 """
         )
@@ -277,10 +278,10 @@ def _remove_instance_containers(root: Path) -> None:
             c.remove(force=True)
 
 
-def _new_labqd(extra_config: str = "") -> Labqd:
+def _new_labqd(extra_config: str = "", metrics_port: int = 0) -> Labqd:
     root = Path(tempfile.mkdtemp(prefix="labq-test-"))
     root.chmod(0o755)  # alice and bob must reach the socket
-    d = Labqd(root, extra_config)
+    d = Labqd(root, extra_config, metrics_port)
     d.start()
     return d
 
@@ -299,8 +300,8 @@ def make_labqd(test_image: str, users: dict[str, Any]) -> Iterator[Any]:
     """Factory: start a real labqd (extra TOML lines optional); cleaned up after the test."""
     started: list[Labqd] = []
 
-    def make(extra_config: str = "") -> Labqd:
-        d = _new_labqd(extra_config)
+    def make(extra_config: str = "", metrics_port: int = 0) -> Labqd:
+        d = _new_labqd(extra_config, metrics_port)
         started.append(d)
         return d
 

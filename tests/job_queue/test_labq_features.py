@@ -127,3 +127,30 @@ def test_logs_follow_and_show(labqd: Labqd) -> None:
     show = labqd.labq("show", str(job_id), user="alice").stdout
     assert "name:        chatty" in show and "exit code:   3" in show and "state:       failed" in show
     assert labqd.labq("logs", str(job_id), user="bob").returncode == 4
+
+
+def test_prometheus_metrics_follow_the_contract(make_labqd: Any) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = make_labqd('metrics_address = "127.0.0.1"', metrics_port=port)
+    (running,) = submit(d, "--gpus", "3", "--", "sleep", "30")
+    d.wait_state(running, ("running",))
+    (pending,) = submit(d, "--gpus", "2", "--", "true", user="bob")
+    submit(d, "--gpus", "0", "--hold", "--", "true", user="bob")  # held: not counted as pending
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line.startswith("labq_")}
+    assert samples['labq_jobs{state="running",user="alice"}'] == 1
+    assert samples['labq_jobs{state="pending",user="bob"}'] == 1
+    assert samples['labq_gpus{state="allocated"}'] == 3 and samples['labq_gpus{state="free"}'] == 1
+    assert samples['labq_gpus{state="foreign"}'] == 0
+    alloc = [k for k in samples if k.startswith("labq_gpu_allocated{")]
+    assert sorted(alloc) == sorted(f'labq_gpu_allocated{{gpu="{i}",job="{running}",user="alice",'
+                                   f'uuid="GPU-fake-{i}"}}' for i in range(3))
+    assert samples["labq_job_wait_seconds_count"] == 1
+    assert samples['labq_job_wait_seconds_bucket{le="60.0"}'] == 1
+    assert d.job(pending)["state"] == "pending"
