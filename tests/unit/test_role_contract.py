@@ -31,10 +31,18 @@ def test_there_are_roles():
 
 @pytest.mark.parametrize("role", ROLES, ids=ROLE_IDS)
 def test_role_has_the_standard_layout(role):
-    for rel in ("defaults/main.yml", "meta/argument_specs.yml", "tasks/main.yml",
-                "molecule/default/molecule.yml", "molecule/default/converge.yml", "molecule/default/verify.yml"):
+    for rel in (
+        "defaults/main.yml",
+        "meta/argument_specs.yml",
+        "tasks/main.yml",
+        "molecule/default/molecule.yml",
+        "molecule/default/converge.yml",
+        "molecule/default/verify.yml",
+    ):
         assert (role / rel).is_file(), f"{role.name}: missing {rel}"
-    assert (REPO / "docs" / "roles" / f"{role.name}.md").is_file(), f"{role.name}: missing docs/roles/{role.name}.md"
+    assert (REPO / "docs" / "roles" / f"{role.name}.md").is_file(), (
+        f"{role.name}: missing docs/roles/{role.name}.md"
+    )
 
 
 @pytest.mark.parametrize("role", ROLES, ids=ROLE_IDS)
@@ -53,7 +61,9 @@ def test_public_variables_carry_the_role_prefix_and_internal_ones_an_underscore(
     vars_file = role / "vars" / "main.yml"
     if vars_file.exists():
         for name in load(vars_file):
-            assert name.startswith("_" + prefix), f"{role.name}: internal variable {name} must start with _{prefix}"
+            assert name.startswith("_" + prefix), (
+                f"{role.name}: internal variable {name} must start with _{prefix}"
+            )
 
 
 @pytest.mark.parametrize("role", ROLES, ids=ROLE_IDS)
