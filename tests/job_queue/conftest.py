@@ -27,8 +27,9 @@ PYTHON = sys.executable
 TEST_IMAGE = "labq-test-busybox:1"
 APPLETS = ("sh", "true", "false", "sleep", "echo", "id", "cat", "touch", "ls", "env", "pwd", "stat",
            "kill", "head", "seq", "dd", "yes", "mkdir", "rm", "grep", "wc", "tr", "trap")
-USERS = ("alice", "bob")
+USERS = ("alice", "bob", "carol")
 MEMBER_GROUP = "labqtest-members"  # alice's supplementary group, to check group propagation
+ADMIN_GROUP = "labqtest-admins"  # carol's group: the test daemons' admin_group
 
 
 def docker_client() -> Any:
@@ -86,19 +87,22 @@ def test_image() -> str:
 
 @pytest.fixture(scope="session")
 def users() -> dict[str, pwd.struct_passwd]:
-    """Real Unix users alice and bob (created if missing); alice is in an extra group."""
+    """Real Unix users alice, bob and carol (created if missing); alice is in an extra group,
+    carol in the admin group."""
     if os.geteuid() != 0:
         pytest.skip("creating test users needs root")
-    try:
-        grp.getgrnam(MEMBER_GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", MEMBER_GROUP], check=True)
+    for group in (MEMBER_GROUP, ADMIN_GROUP):
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            subprocess.run(["groupadd", group], check=True)
     for name in USERS:
         try:
             pwd.getpwnam(name)
         except KeyError:
             subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True)
     subprocess.run(["usermod", "-a", "-G", MEMBER_GROUP, "alice"], check=True)
+    subprocess.run(["usermod", "-a", "-G", ADMIN_GROUP, "carol"], check=True)
     return {name: pwd.getpwnam(name) for name in USERS}
 
 

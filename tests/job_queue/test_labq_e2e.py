@@ -162,3 +162,28 @@ def test_sigterm_drains_and_running_containers_survive(labqd: Labqd, users: dict
     done = labqd.wait_state(job_id, ("succeeded",))
     assert done["container_id"] == job["container_id"]
     assert time.time() - done["end_time"] < 60
+
+
+def test_admin_group_member_may_manage_others_jobs(labqd: Labqd) -> None:
+    (job_id,) = [submit(labqd, "alice", "--gpus", "0", "--hold", "--", "true")]
+    assert labqd.labq("release", str(job_id), user="bob").returncode == 4
+    ping = labqd.call("ping")["result"]
+    assert ping["admin"] is True  # root
+    hi = labqd.labq("submit", "--gpus", "0", "--priority", "7", "--hold", "--json", "--", "true",
+                    user="carol")
+    assert hi.returncode == 0, hi.stderr
+    assert labqd.job(json.loads(hi.stdout)["ids"][0])["priority"] == 7
+    assert labqd.labq("cancel", str(job_id), user="carol").returncode == 0
+    job = labqd.job(job_id)
+    assert job["state"] == "cancelled" and job["reason"] == "cancelled by carol"
+
+
+def test_cli_errors_are_one_line_with_exit_codes(labqd: Labqd) -> None:
+    down = labqd.labq("--socket", "/nonexistent/labq.sock", "ls")
+    assert down.returncode == 6 and down.stderr.startswith("labq: cannot reach labqd")
+    assert len(down.stderr.strip().splitlines()) == 1
+    nocmd = labqd.labq("submit", "--gpus", "1", user="alice")
+    assert nocmd.returncode == 2 and "no command given" in nocmd.stderr
+    assert labqd.labq("cancel", "999", user="alice").returncode == 3
+    help_ = labqd.labq("--help")
+    assert help_.returncode == 0 and "submit" in help_.stdout and "gpus" in help_.stdout

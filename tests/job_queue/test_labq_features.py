@@ -154,3 +154,19 @@ def test_prometheus_metrics_follow_the_contract(make_labqd: Any) -> None:
     assert samples["labq_job_wait_seconds_count"] == 1
     assert samples['labq_job_wait_seconds_bucket{le="60.0"}'] == 1
     assert d.job(pending)["state"] == "pending"
+
+
+def test_backfill_never_delays_the_head_job(labqd: Labqd) -> None:
+    (a,) = submit(labqd, "--gpus", "3", "--time", "10s", "--", "sleep", "5")
+    labqd.wait_state(a, ("running",))
+    (head,) = submit(labqd, "--gpus", "4", "--", "true", user="bob")
+    (long,) = submit(labqd, "--gpus", "1", "--time", "1m", "--", "true")  # would delay the head
+    (short,) = submit(labqd, "--gpus", "1", "--time", "3s", "--", "sleep", "1")  # ends in time
+    labqd.wait_state(short, ("running", "succeeded"))
+    assert labqd.job(a)["state"] == "running"
+    assert labqd.job(head)["reason"] == "Resources"
+    assert labqd.job(long)["state"] == "pending" and labqd.job(long)["reason"] == "Priority"
+    s = labqd.wait_state(short, ("succeeded",))
+    h = labqd.wait_state(head, ("succeeded",))
+    lg = labqd.wait_state(long, ("succeeded",))
+    assert s["end_time"] <= h["start_time"] and h["end_time"] <= lg["start_time"] + 0.01
