@@ -64,7 +64,6 @@ lint: venv ## yamllint, ansible-lint (production profile), ruff, mypy
 	yamllint --strict .
 	ansible-lint --profile production --offline -q
 	ruff check .
-	ruff format --check job_queue monitoring/exporters tests
 	mypy
 
 unit: venv ## unit tests (no Docker, no lab)
