@@ -10,6 +10,8 @@ fixture for all of them.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,6 +91,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     labq = StaticExporter((DATA / "labq_sample.prom").read_text())
     ports.update(dcgm=dcgm.port, labq=labq.port)
     (tmp / "textfile").mkdir()
+    (tmp / "home").mkdir()
+    # The NFS home probe, as the node_exporter role runs it; here /home is a local directory,
+    # so it reports 0 and NfsHomeNotMounted must go pending.
+    subprocess.run(
+        [str(MONITORING / "node" / "labkit-nfs-home-probe")],
+        env={
+            **os.environ,
+            "LABKIT_NFS_PROBE_PATH": str(tmp / "home"),
+            "LABKIT_TEXTFILE_DIR": str(tmp / "textfile"),
+        },
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     config = _prometheus_config(tmp, ports, prom_port)
     with contextlib.ExitStack() as stop:
         stop.callback(dcgm.close)

@@ -93,7 +93,7 @@ def test_alerts_go_pending_on_this_gpu_less_host(stack: Stack) -> None:
 
     expected = {
         ("GpuDriverUnavailable", TEST_HOST),  # our exporter: nvml_up 0 on a host labelled with a GPU model
-        ("NfsHomeNotMounted", TEST_HOST),  # this machine has no NFS /home
+        ("NfsHomeNotMounted", TEST_HOST),  # the probe found no NFS on its (local) home directory
         ("JobQueueStuck", TEST_HOST),  # sample: 2 pending jobs, 5 free GPUs
         ("GpuAllocatedIdle", TEST_HOST),  # sample: bob's GPU 1 at 0 %
     }
