@@ -91,7 +91,7 @@ def test_slack_template_shows_host_gpu_user_value_runbook() -> None:
     data = DATA / "alert_group_idle.json"
     alerts = json.loads(data.read_text())["alerts"]
     title = render('{{ template "labkit.slack.title" . }}', data).strip()
-    assert title == "[FIRING:1] GpuAllocatedIdle on gpu07"
+    assert title == "[FIRING:1] vision-lab: GpuAllocatedIdle on gpu07"
     assert render('{{ template "labkit.slack.color" . }}', data).strip() == "warning"
     assert (
         render('{{ template "labkit.slack.title_link" . }}', data).strip()
@@ -116,7 +116,7 @@ def test_email_template() -> None:
     data = DATA / "alert_group_idle.json"
     assert (
         render('{{ template "labkit.email.subject" . }}', data).strip()
-        == "[FIRING:1] GpuAllocatedIdle on gpu07"
+        == "[FIRING:1] vision-lab: GpuAllocatedIdle on gpu07"
     )
     body = render('{{ template "labkit.email.text" . }}', data)
     assert "Since: 2026-11-23 10:00:00 UTC" in body

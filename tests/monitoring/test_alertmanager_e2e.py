@@ -83,14 +83,23 @@ def post(url: str, *alerts: dict[str, Any]) -> None:
 
 
 def test_slack_and_email_firing_then_resolved(alertmanager: str, slack: SlackSink, smtp: SmtpSink) -> None:
-    gpu_hot = alert("GpuTemperatureHigh", "critical", "gpu07", gpu="3", UUID="GPU-77aa", modelName="H100")
+    # `lab` is Prometheus' external label, attached to every alert it sends
+    gpu_hot = alert(
+        "GpuTemperatureHigh",
+        "critical",
+        "gpu07",
+        gpu="3",
+        UUID="GPU-77aa",
+        modelName="H100",
+        lab="vision-lab",
+    )
     post(alertmanager, gpu_hot)
 
     path, payload = slack.next()
     assert path == WEBHOOK_PATH  # the URL came from slack_api_url_file
     assert payload["channel"] == "#lab-alerts"
     (attachment,) = payload["attachments"]
-    assert attachment["title"] == "[FIRING:1] GpuTemperatureHigh on gpu07"
+    assert attachment["title"] == "[FIRING:1] vision-lab: GpuTemperatureHigh on gpu07"
     assert attachment["title_link"] == RUNBOOK
     assert attachment["color"] == "danger"
     text = attachment["text"]
@@ -104,19 +113,19 @@ def test_slack_and_email_firing_then_resolved(alertmanager: str, slack: SlackSin
     assert f"Runbook: {RUNBOOK}" in text
 
     mail = email.message_from_string(smtp.next()["data"], policy=email.policy.default)
-    assert mail["To"] == "lab-admins@lab.example.org"
-    assert mail["Subject"] == "[FIRING:1] GpuTemperatureHigh on gpu07"
+    assert mail["To"] == "cluster-admins@vision.uni.example"
+    assert mail["Subject"] == "[FIRING:1] vision-lab: GpuTemperatureHigh on gpu07"
     assert f"Runbook: {RUNBOOK}" in mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
 
     gpu_hot["endsAt"] = datetime.now(UTC).isoformat()
     post(alertmanager, gpu_hot)
     _, payload = slack.next()
     (attachment,) = payload["attachments"]
-    assert attachment["title"] == "[RESOLVED] GpuTemperatureHigh on gpu07"
+    assert attachment["title"] == "[RESOLVED] vision-lab: GpuTemperatureHigh on gpu07"
     assert attachment["color"] == "good"
     assert "*RESOLVED*: GpuTemperatureHigh on gpu07" in attachment["text"]
     mail = email.message_from_string(smtp.next()["data"], policy=email.policy.default)
-    assert mail["Subject"] == "[RESOLVED] GpuTemperatureHigh on gpu07"
+    assert mail["Subject"] == "[RESOLVED] vision-lab: GpuTemperatureHigh on gpu07"
     assert "Resolved: " in mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
 
 
