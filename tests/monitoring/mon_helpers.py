@@ -41,12 +41,19 @@ pytest.register_assert_rewrite("mon_stack", "mon_sinks", "mon_dashboards", "mon_
 
 
 def need_binary(*names: str) -> str:
-    """Path of the first binary found, or skip the test (CI installs them, see docs/monitoring.md)."""
+    """Path of the first binary found.  Missing: skip on a developer machine, fail in CI.
+
+    CI (environment CI or LABKIT_REQUIRE_TOOLS set) must install the Debian packages
+    prometheus, prometheus-alertmanager and prometheus-node-exporter (docs/monitoring.md).
+    """
     for name in names:
         found = shutil.which(name)
         if found:
             return found
-    pytest.skip(f"{' / '.join(names)} not installed (apt: prometheus, prometheus-alertmanager, ...)")
+    message = f"{' / '.join(names)} not installed (apt: prometheus, prometheus-alertmanager, ...)"
+    if os.environ.get("CI") or os.environ.get("LABKIT_REQUIRE_TOOLS"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port() -> int:
