@@ -62,8 +62,8 @@ def samples(hosts: int, gpus: int, hours: float, step: int, end: int) -> Iterato
                 yield f"node_filesystem_size_bytes{fs} {size} {ts}"
                 yield f"node_filesystem_avail_bytes{fs} {avail:.0f} {ts}"
                 yield f"node_filesystem_readonly{fs} 0 {ts}"
-            nfs = labels(device="nfs01:/export/home", mountpoint="/home", fstype="nfs4", **node)
-            yield f"node_filesystem_device_error{nfs} 0 {ts}"
+            yield f"labkit_nfs_home_ok{labels(path='/home', **node)} {0 if h == 3 else 1} {ts}"
+            yield f"labkit_nfs_home_probe_timestamp_seconds{labels(**node)} {ts} {ts}"
             yield f"node_memory_MemTotal_bytes{labels(**node)} 512e9 {ts}"
             mem_avail = 300e9 + 50e9 * math.sin(t / 3600)
             yield f"node_memory_MemAvailable_bytes{labels(**node)} {mem_avail:.0f} {ts}"
