@@ -79,7 +79,8 @@ molecule: lab-infra ## every role's molecule scenario (converge, idempotence, ve
 	@for role in $(ROLES_WITH_MOLECULE); do $(MAKE) --no-print-directory molecule-$$role; done
 
 molecule-%: lab-infra ## one role's molecule scenario, e.g. make molecule-common
-	cd roles/$* && LABKIT_MOLECULE_INSTANCE=molecule-$* LABKIT_APT_PROXY=$$($(LABCTL) proxy-url) molecule test
+	proxy=$$($(LABCTL) proxy-url) && cd roles/$* && \
+	  LABKIT_MOLECULE_INSTANCE=molecule-$* LABKIT_APT_PROXY=$$proxy molecule test
 
 bench: venv ## benchmarks: print ratios measured in one run (not part of `make test`)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
