@@ -28,7 +28,7 @@ from .config import Config, ConfigError, load_config
 from .gpus import GpuInfo, Inventory, make_inventory
 from .metrics import Metrics
 from .models import Job, JobState, StopReason
-from .runtime import ContainerInfo, DockerRuntime, Runtime, RuntimeError_
+from .runtime import ContainerEvent, ContainerInfo, DockerRuntime, Runtime, RuntimeError_
 from .scheduler import Policy, schedule
 from .service import Service, log_path
 from .store import SqliteStore
@@ -52,6 +52,9 @@ class Daemon:
         self._pumps: dict[int, threading.Thread] = {}
         self._pump_lock = threading.Lock()
         self._removing: OrderedDict[str, None] = OrderedDict()
+        self._oom_seen: dict[str, None] = {}  # containers with a Docker "oom" event
+        self._idle = threading.Condition()
+        self._starting = 0  # container starts in flight; removals wait for them (less dockerd contention)
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="labq-worker")
         self._starters = None
         if parallel_starts > 0:
@@ -131,7 +134,9 @@ class Daemon:
             try:
                 for msg in msgs:
                     if msg[0] == "die":
-                        self.on_exit(msg[1], msg[2])
+                        self.on_exit(msg[1], msg[2], event=msg[3] if len(msg) > 3 else None)
+                    elif msg[0] == "oom":
+                        self._oom_seen[msg[1]] = None
                     elif msg[0] == "started":
                         self._on_started(msg[1], msg[2], msg[3])
                     elif msg[0] == "reconcile":
@@ -166,8 +171,11 @@ class Daemon:
             try:
                 events = self.runtime.events()
                 subscribed.set()
-                for cid, job_id in events:
-                    self.queue.put(("die", cid, job_id))
+                for ev in events:
+                    if ev.kind == "oom":
+                        self.queue.put(("oom", ev.cid))
+                    elif ev.kind == "die":
+                        self.queue.put(("die", ev.cid, ev.job_id, ev))
             except Exception:
                 log.exception("docker event stream failed; reconnecting")
             if self.stopping():
@@ -222,12 +230,27 @@ class Daemon:
         if self._starters is None:
             self._on_started(*self._create(job))
         else:  # create/start in parallel; the main loop records the result ("started")
-            self._starters.submit(lambda: self.queue.put(("started", *self._create(job))))
+            with self._idle:
+                self._starting += 1
+
+            def run() -> None:
+                try:
+                    result = self._create(job)
+                finally:
+                    with self._idle:
+                        self._starting -= 1
+                        self._idle.notify_all()
+                self.queue.put(("started", *result))
+
+            self._starters.submit(run)
 
     def _create(self, job: Job) -> tuple[int, str | None, str | None]:
         """Create and start the container: (job id, container id, error). Runs in a worker."""
         try:
-            return job.id, self.runtime.create_and_start(job), None
+            t0 = time.monotonic()
+            cid = self.runtime.create_and_start(job)
+            log.debug("job %d: container created and started in %.3f s", job.id, time.monotonic() - t0)
+            return job.id, cid, None
         except RuntimeError_ as exc:
             return job.id, None, str(exc)
         except Exception:
@@ -299,20 +322,61 @@ class Daemon:
                     log.exception("job %d: could not save the output", job.id)
             with self._pump_lock:
                 self._pumps.pop(job.id, None)
+            self._enrich(job.id, cid)
+            with self._idle:
+                self._idle.wait_for(lambda: self._starting == 0, timeout=10)
             self.runtime.remove(cid)
+            self._oom_seen.pop(cid, None)
 
         self._workers.submit(run)
 
+    def _enrich(self, job_id: int, cid: str) -> None:
+        """Before removal: take Docker's own start/finish times and OOM flag for the record."""
+        try:
+            info = self.runtime.inspect(cid)
+        except Exception:
+            log.exception("job %d: inspect failed", job_id)
+            return
+        job = self.store.get(job_id)
+        if info is None or not info.finished or job is None or not job.state.final:
+            return
+        fields: dict[str, Any] = {}
+        if info.started_at:
+            fields["start_time"] = info.started_at
+        if info.finished_at:
+            fields["end_time"] = info.finished_at
+        if info.oom_killed and not job.oom_killed:
+            fields["oom_killed"] = True
+            if job.state == JobState.FAILED:
+                fields["reason"] = "OOM killed"
+        if fields:
+            self.store.update(job_id, **fields)
+
     # ------------------------------------------------------------ exits and recovery
-    def on_exit(self, cid: str, job_id: int, info: ContainerInfo | None = None) -> None:
+    def on_exit(self, cid: str, job_id: int, info: ContainerInfo | None = None,
+                event: ContainerEvent | None = None) -> None:
+        """Record a container's exit and free its GPUs.
+
+        From a Docker ``die`` event the exit code and time come with the event, so no Docker call
+        sits between the exit and the next start; Docker's exact start/finish times and OOM flag
+        are filled in afterwards (``_remove_later``). Otherwise the container is inspected.
+        """
         job = self.store.get(job_id)
         if job is None:
             return
         if job.state.final and info is None:
             self._remove_later(job, cid)  # a second notice for a recorded exit: no need to ask Docker
             return
+        if info is None and event is not None and event.exit_code is not None:
+            info = ContainerInfo(id=cid, job_id=job_id, status="exited", instance=self.store.instance,
+                                 exit_code=event.exit_code, oom_killed=cid in self._oom_seen,
+                                 started_at=None, finished_at=event.time)
         if info is None:
+            t0 = time.monotonic()
             info = self.runtime.inspect(cid)
+            if info is not None and info.finished_at:
+                log.debug("job %d: exit noticed %.3f s after it happened (inspect %.3f s)", job_id,
+                          self.clock() - info.finished_at, time.monotonic() - t0)
         if info is None:
             if job.state.active:
                 self.store.update(job_id, state=JobState.FAILED, end_time=self.clock(),
@@ -340,6 +404,7 @@ class Daemon:
                 reason = f"killed by signal {code - 128} (exit code {code})"
             else:
                 reason = f"exit code {code}"
+        log.debug("job %d: exit %s recorded", job_id, code)
         self.store.update(job_id, state=state, reason=reason, exit_code=code, oom_killed=info.oom_killed,
                           end_time=info.finished_at or self.clock(),
                           start_time=info.started_at or job.start_time, container_id=cid)

@@ -81,6 +81,8 @@ class Job:
     stop_reason: StopReason | None = None
     start_count: int = 0
     """How many times the daemon recorded a start for this job (must stay <= 1)."""
+    dispatch_time: float | None = None
+    """When labqd decided to start the job (``start_time`` becomes Docker's StartedAt at exit)."""
 
     @property
     def user(self) -> str:
@@ -118,4 +120,5 @@ class Job:
             "oom_killed": self.oom_killed,
             "container_id": self.container_id,
             "stop_reason": self.stop_reason.value if self.stop_reason else None,
+            "dispatch_time": self.dispatch_time,
         }

@@ -167,7 +167,7 @@ class Runtime(Protocol):
     def stop(self, cid: str, grace: float) -> None: ...
     def remove(self, cid: str) -> None: ...
     def write_logs(self, cid: str, path: str, uid: int, gid: int, follow: bool) -> None: ...
-    def events(self) -> Iterator[tuple[str, int]]: ...
+    def events(self) -> Iterator[ContainerEvent]: ...
 
 
 class DockerRuntime:
@@ -284,18 +284,32 @@ class DockerRuntime:
         if not follow:
             Path(target).replace(path)
 
-    def events(self) -> Iterator[tuple[str, int]]:
-        """Subscribe now; the iterator yields (container id, job id) for each labq container that dies."""
+    def events(self) -> Iterator[ContainerEvent]:
+        """Subscribe now; the iterator yields the ``die`` and ``oom`` events of this queue's containers."""
         client = self._factory()
         labels = [LABEL_JOB, f"{LABEL_INSTANCE}={self.instance}"]
-        stream = client.events(decode=True, filters={"type": "container", "event": ["die"], "label": labels})
-        return _die_events(stream)
+        stream = client.events(decode=True, filters={"type": "container", "event": ["die", "oom"],
+                                                     "label": labels})
+        return _container_events(stream)
 
 
-def _die_events(stream: Any) -> Iterator[tuple[str, int]]:
+@dataclass(frozen=True)
+class ContainerEvent:
+    kind: str  # "die" or "oom"
+    cid: str
+    job_id: int
+    exit_code: int | None
+    time: float | None
+
+
+def _container_events(stream: Any) -> Iterator[ContainerEvent]:
     for ev in stream:
         attrs = (ev.get("Actor") or {}).get("Attributes") or {}
         job = attrs.get(LABEL_JOB, "")
         cid = ev.get("id") or (ev.get("Actor") or {}).get("ID")
+        code = attrs.get("exitCode", "")
+        nano = ev.get("timeNano")
         if cid and job.isdigit():
-            yield cid, int(job)
+            yield ContainerEvent(kind=ev.get("Action") or ev.get("status") or "", cid=cid, job_id=int(job),
+                                 exit_code=int(code) if code.lstrip("-").isdigit() else None,
+                                 time=nano / 1e9 if isinstance(nano, int) else None)

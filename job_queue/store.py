@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     container_id TEXT,
     stop_reason TEXT,
     start_count INTEGER NOT NULL DEFAULT 0,
+    dispatch_time REAL,
     array_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -43,7 +44,7 @@ SCHEMA_VERSION = "1"
 
 _COLUMNS = (
     "id, user, state, priority, submit_time, spec, reason, start_time, end_time, exit_code, "
-    "oom_killed, assigned_gpus, container_id, stop_reason, start_count"
+    "oom_killed, assigned_gpus, container_id, stop_reason, start_count, dispatch_time"
 )
 _UPDATABLE = {
     "state", "reason", "start_time", "end_time", "exit_code", "oom_killed", "assigned_gpus",
@@ -88,6 +89,7 @@ def _row_to_job(row: Sequence[Any], spec: JobSpec | None = None) -> Job:
         container_id=row[12],
         stop_reason=StopReason(row[13]) if row[13] else None,
         start_count=row[14],
+        dispatch_time=row[15],
     )
 
 
@@ -264,8 +266,8 @@ class SqliteStore:
         """
         with self.tx() as cur:
             cur.execute(
-                "UPDATE jobs SET state = ?, assigned_gpus = ?, start_time = ?, reason = '', "
-                "start_count = start_count + 1 WHERE id = ? AND state = ?",
-                (JobState.STARTING.value, json.dumps(list(gpus)), now, job_id, JobState.PENDING.value),
+                "UPDATE jobs SET state = ?, assigned_gpus = ?, start_time = ?, dispatch_time = ?, "
+                "reason = '', start_count = start_count + 1 WHERE id = ? AND state = ?",
+                (JobState.STARTING.value, json.dumps(list(gpus)), now, now, job_id, JobState.PENDING.value),
             )
             return cur.rowcount == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from job_queue.config import parse_config
 from job_queue.daemon import Daemon
 from job_queue.gpus import FakeInventory
 from job_queue.models import JobSpec, JobState, StopReason
-from job_queue.runtime import ContainerInfo, RuntimeError_
+from job_queue.runtime import ContainerEvent, ContainerInfo, RuntimeError_
 from job_queue.store import SqliteStore
 
 
@@ -169,3 +170,38 @@ def test_exit_is_mapped_to_a_final_state(env: tuple[Daemon, SqliteStore, FakeRun
     done = store.get(job_id)
     assert done is not None and done.state == state and done.reason == reason and done.exit_code == code
     assert [c for c in rt.calls if c[0] == "remove"] == [("remove", job.container_id)]
+
+
+def test_exit_from_a_die_event_needs_no_inspect_and_is_enriched_later(
+        env: tuple[Daemon, SqliteStore, FakeRuntime]) -> None:
+    d, store, rt = env
+    (job_id,) = store.add_jobs([spec()], now=1.0)
+    d.schedule_pass()
+    job = store.get(job_id)
+    assert job is not None and job.container_id is not None
+    cid = job.container_id
+    # Docker: exited with 137 after an "oom" event; inspect would say OOMKilled.
+    rt.containers[cid] = info(cid, job_id, "exited", 137, True, 42.0)
+    calls: list[str] = []
+    real_inspect = rt.inspect
+
+    def counting_inspect(container: str) -> ContainerInfo | None:
+        calls.append(container)
+        return real_inspect(container)
+
+    rt.inspect = counting_inspect  # type: ignore[method-assign]
+    gate = threading.Event()
+    for _ in range(4):  # hold every worker, so only on_exit itself can call Docker below
+        d._workers.submit(gate.wait, 10)
+    d.on_exit(cid, job_id, event=ContainerEvent("die", cid, job_id, 137, 41.5))
+    recorded = store.get(job_id)
+    assert recorded is not None and recorded.state == JobState.FAILED and recorded.exit_code == 137
+    assert recorded.end_time == 41.5 and recorded.reason == "killed by signal 9 (exit code 137)"
+    assert calls == []  # the GPU was freed without asking Docker
+    gate.set()
+    d._workers.shutdown(wait=True)
+    assert calls == [cid]  # then inspected once, in a worker, before removal
+    enriched = store.get(job_id)
+    assert enriched is not None and enriched.oom_killed and enriched.reason == "OOM killed"
+    assert enriched.start_time == 10.0 and enriched.end_time == 42.0
+    assert ("remove", cid) in rt.calls

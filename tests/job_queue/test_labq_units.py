@@ -156,6 +156,7 @@ def test_store_roundtrip_wal_and_transitions(tmp_path: Path) -> None:
     assert not store.mark_starting(1, ["g0"], 7.0)  # only a pending job can be started: exactly once
     j1 = store.get(1)
     assert j1 is not None and j1.state == JobState.STARTING and j1.start_count == 1
+    assert j1.dispatch_time == 6.0 == j1.start_time
     assert j1.assigned_gpus == ["g0"]
     assert not store.transition(1, [JobState.PENDING], state=JobState.CANCELLED)
     assert store.transition(1, [JobState.STARTING], state=JobState.RUNNING, stop_reason=StopReason.CANCEL)
