@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,15 @@ class LabHost:
     name: str
     address: str
     groups: tuple[str, ...]
-    caps: tuple[str, ...] = field(default=())
+    # Runs its own Docker engine (GPU nodes; the monitoring server's containers): that needs NET_ADMIN
+    # and a real directory for /var/lib/docker (overlay on overlay fails; the engine uses vfs).
+    runs_docker: bool = False
+
+    def spec(self, image: str) -> str:
+        """A digest of everything the container is created from; a change means: recreate it."""
+        parts = [image, self.address, self.groups, self.runs_docker, SYSTEMD_RUN_FLAGS]
+        text = json.dumps(parts, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def lab_hosts() -> list[LabHost]:
@@ -71,10 +79,9 @@ def lab_hosts() -> list[LabHost]:
     prefix = SUBNET.rsplit(".", 1)[0]
     infra = ("ldap_servers", "nfs_servers", "mail_relays", "monitoring_servers")
     return [
-        LabHost("infra01", f"{prefix}.10", infra),
-        # A GPU node runs its own Docker engine: that needs NET_ADMIN (and vfs storage inside).
-        LabHost("gpu01", f"{prefix}.21", ("gpu_nodes",), ("NET_ADMIN",)),
-        LabHost("gpu02", f"{prefix}.22", ("gpu_nodes",), ("NET_ADMIN",)),
+        LabHost("infra01", f"{prefix}.10", infra, runs_docker=True),
+        LabHost("gpu01", f"{prefix}.21", ("gpu_nodes",), runs_docker=True),
+        LabHost("gpu02", f"{prefix}.22", ("gpu_nodes",), runs_docker=True),
     ]
 
 
@@ -253,29 +260,31 @@ def start_host(client: Any, host: LabHost, image: str) -> Any:
     import docker
 
     name = container_name(host)
+    spec = host.spec(image)
+    docker_volume = f"labkit-{host.name}-docker"
     try:
         container = client.containers.get(name)
-        if container.image.tags and image not in container.image.tags:
-            log(f"{host.name} runs an older image; recreating it")
-            container.remove(force=True)
-        else:
+        if container.labels.get("labkit.spec", spec) == spec:  # hosts from before spec labels are kept
             if container.status != "running":
                 container.start()
             return container
+        log(f"{host.name} was made from another image or definition; recreating it")
+        container.remove(force=True, v=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            client.volumes.get(docker_volume).remove(force=True)
     except docker.errors.NotFound:
         pass
     flags = dict(SYSTEMD_RUN_FLAGS)
-    flags["cap_add"] = [*flags["cap_add"], *host.caps]
     volumes = dict(flags.pop("volumes"))
-    if "gpu_nodes" in host.groups:
-        # Docker-in-Docker needs a real (non-overlay) directory for its data root.
-        volumes[f"labkit-{host.name}-docker"] = {"bind": "/var/lib/docker", "mode": "rw"}
+    if host.runs_docker:
+        flags["cap_add"] = [*flags["cap_add"], "NET_ADMIN"]
+        volumes[docker_volume] = {"bind": "/var/lib/docker", "mode": "rw"}
     container = client.containers.create(
         image,
         name=name,
         hostname=host.name,
         detach=True,
-        labels={LAB_LABEL: "host", "labkit.host": host.name},
+        labels={LAB_LABEL: "host", "labkit.host": host.name, "labkit.spec": spec},
         volumes=volumes,
         **flags,
     )
