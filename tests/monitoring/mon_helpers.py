@@ -37,7 +37,9 @@ if str(EXPORTERS_SRC) not in sys.path:
     sys.path.insert(0, str(EXPORTERS_SRC))
 
 # The helper modules hold assertions too; pytest rewrites them only if told before their import.
-pytest.register_assert_rewrite("mon_stack", "mon_sinks", "mon_dashboards", "mon_fake_nvml")
+pytest.register_assert_rewrite(
+    *(m for m in ("mon_stack", "mon_sinks", "mon_dashboards", "mon_fake_nvml") if m not in sys.modules)
+)
 
 
 def need_binary(*names: str) -> str:

@@ -1,7 +1,8 @@
 """The `stack` fixture: a real Prometheus on loopback, configured from
 monitoring/prometheus/prometheus.example.yml and the repo's rules, scraping a real
-node_exporter, the real labkit GPU-user exporter, and two static stand-ins serving the
-dcgm-exporter and labq contract samples (tests/monitoring/data/*.prom).
+node_exporter, the real labkit GPU-user exporter (no GPU here), and static stand-ins:
+the dcgm-exporter and labq contract samples (tests/monitoring/data/*.prom), and a second
+gpu_users target serving what our collector produces with a fake NVML (host "gpusample").
 
 Test modules that use it declare `pytest_plugins = ("mon_stack",)`, so it is one session
 fixture for all of them.
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from mon_fake_nvml import gpu_users_sample
 from mon_helpers import (
     MONITORING,
     RULES_DIR,
@@ -36,6 +38,8 @@ from mon_sinks import StaticExporter
 DATA = Path(__file__).resolve().parent / "data"
 TEST_HOST = "testhost"
 TEST_GPU_MODEL = "NVIDIA A100-SXM4-80GB"
+# A second gpu_users target: our collector's output with a fake NVML (mon_fake_nvml.gpu_users_sample)
+GPU_SAMPLE_HOST = "gpusample"
 
 
 @dataclass
@@ -55,17 +59,22 @@ class Stack:
         return result
 
 
-def _prometheus_config(tmp: Path, ports: dict[str, int], prom_port: int) -> Path:
+def _prometheus_config(tmp: Path, targets: dict[str, list[tuple[int, str]]], prom_port: int) -> Path:
     cfg: dict[str, Any] = yaml.safe_load((MONITORING / "prometheus" / "prometheus.example.yml").read_text())
     cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     cfg["rule_files"] = [str(RULES_DIR / "*.rules.yml")]
     cfg.pop("alerting")
-    labels = {"host": TEST_HOST, "role": "gpu", "gpu_model": TEST_GPU_MODEL}
     kept = []
     for job in cfg["scrape_configs"]:
         name = job["job_name"]
         if "file_sd_configs" in job:
-            groups = [{"targets": [f"127.0.0.1:{ports[name]}"], "labels": labels}] if name in ports else []
+            groups = [
+                {
+                    "targets": [f"127.0.0.1:{port}"],
+                    "labels": {"host": host, "role": "gpu", "gpu_model": TEST_GPU_MODEL},
+                }
+                for port, host in targets.get(name, [])
+            ]
             target_file = tmp / f"{name}.yml"
             target_file.write_text(yaml.safe_dump(groups))
             job["file_sd_configs"] = [{"files": [str(target_file)]}]
@@ -89,7 +98,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prom_port = free_port()
     dcgm = StaticExporter((DATA / "dcgm_sample.prom").read_text())
     labq = StaticExporter((DATA / "labq_sample.prom").read_text())
+    gpu_sample = StaticExporter(gpu_users_sample(tmp))
     ports.update(dcgm=dcgm.port, labq=labq.port)
+    targets = {job: [(port, TEST_HOST)] for job, port in ports.items()}
+    targets["gpu_users"].append((gpu_sample.port, GPU_SAMPLE_HOST))
     (tmp / "textfile").mkdir()
     (tmp / "home").mkdir()
     # The NFS home probe, as the node_exporter role runs it; here /home is a local directory,
@@ -105,10 +117,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         capture_output=True,
         timeout=30,
     )
-    config = _prometheus_config(tmp, ports, prom_port)
+    config = _prometheus_config(tmp, targets, prom_port)
     with contextlib.ExitStack() as stop:
         stop.callback(dcgm.close)
         stop.callback(labq.close)
+        stop.callback(gpu_sample.close)
         stop.enter_context(
             running(
                 [
@@ -151,10 +164,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s = Stack(prometheus=f"http://127.0.0.1:{prom_port}")
         wait_for(lambda: http_ok(f"{s.prometheus}/-/ready"), what="prometheus ready")
 
-        def scraped_twice() -> bool:
-            up = {r["metric"]["job"]: r["value"][1] for r in s.series("up")}
-            scrapes = {r["metric"]["job"]: float(r["value"][1]) for r in s.series("count_over_time(up[1m])")}
-            return all(up.get(j) == "1" and scrapes.get(j, 0) >= 3 for j in ports)
+        expected = {(job, host) for job, hosts in targets.items() for _, host in hosts}
 
-        wait_for(scraped_twice, timeout=30, what="all targets scraped twice")
+        def scraped_thrice() -> bool:
+            up = {(r["metric"]["job"], r["metric"]["instance"]): r["value"][1] for r in s.series("up")}
+            scrapes = {
+                (r["metric"]["job"], r["metric"]["instance"]): float(r["value"][1])
+                for r in s.series("count_over_time(up[1m])")
+            }
+            return all(up.get(t) == "1" and scrapes.get(t, 0) >= 3 for t in expected)
+
+        wait_for(scraped_thrice, timeout=30, what="all targets scraped three times")
         yield s

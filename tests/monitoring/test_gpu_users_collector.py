@@ -100,7 +100,9 @@ def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
 
 
 def owner(gpu: str, uuid: str, user: str, job: str, container: str) -> frozenset[tuple[str, str]]:
-    return frozenset({"gpu": gpu, "uuid": uuid, "user": user, "job": job, "container": container}.items())
+    return frozenset(
+        {"gpu": gpu, "uuid": uuid, "user": user, "labq_job": job, "container": container}.items()
+    )
 
 
 def make(nvml: FakeNvml | None, proc_root: Path, containers: FakeContainers) -> CollectorRegistry:
@@ -126,7 +128,10 @@ def test_memory_and_processes_per_owner(proc_root: Path, containers: FakeContain
         frozenset({"gpu": "1", "uuid": GPU1, "name": "NVIDIA A100-SXM4-80GB"}.items()),
     }
     assert all(v == 0 for v in series(samples, "labkit_gpu_exporter_errors_total").values())
-    assert not any("pid" in dict(labels) for (_, labels) in samples)
+    label_names = {name for (_, labels) in samples for name, _ in labels}
+    assert "pid" not in label_names  # no per-process series churn
+    # `job` and `instance` belong to Prometheus' targets: an exporter label of that name is renamed
+    assert not label_names & {"job", "instance"}
 
 
 def test_docker_is_asked_once_per_container_and_cache_pruned(

@@ -74,7 +74,7 @@ def test_exporter_attributes_process_to_labq_job(labelled_container: str, tmp_pa
             (d / "status").write_text("Uid:\t0\t0\t0\t0\n")
     registry, _ = build_registry(nvml, proc, DockerContainerLookup("unix:///var/run/docker.sock"))
     users = {
-        (s.labels["gpu"], s.labels["user"], s.labels["job"])
+        (s.labels["gpu"], s.labels["user"], s.labels["labq_job"])
         for fam in text_string_to_metric_families(generate_latest(registry).decode())
         for s in fam.samples
         if s.name == "labkit_gpu_user_processes"

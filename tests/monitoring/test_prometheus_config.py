@@ -9,7 +9,7 @@ import pytest
 import requests
 import yaml
 from mon_helpers import MONITORING, RULES_DIR, need_binary, wait_for
-from mon_stack import TEST_GPU_MODEL, TEST_HOST, Stack
+from mon_stack import GPU_SAMPLE_HOST, TEST_GPU_MODEL, TEST_HOST, Stack
 
 pytest_plugins = ("mon_stack",)
 
@@ -54,14 +54,17 @@ def test_target_labels(path: Path) -> None:
 
 def test_real_prometheus_targets_carry_host_labels(stack: Stack) -> None:
     active = requests.get(f"{stack.prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-    by_job = {t["labels"]["job"]: t for t in active}
-    assert {"node", "gpu_users", "dcgm", "labq", "prometheus"} <= set(by_job)
-    for job in ("node", "gpu_users", "dcgm", "labq"):
-        target = by_job[job]
+    assert {t["labels"]["job"] for t in active} == {"node", "gpu_users", "dcgm", "labq", "prometheus"}
+    for target in active:
         assert target["health"] == "up", target
-        assert target["labels"]["instance"] == TEST_HOST  # instance = host, whatever the port
-        assert target["labels"]["gpu_model"] == TEST_GPU_MODEL
-    assert {r["metric"]["instance"] for r in stack.series("up")} >= {TEST_HOST}
+        assert target["labels"]["instance"] == target["labels"]["host"]  # instance = host, whatever the port
+        if target["labels"]["job"] != "prometheus":
+            assert target["labels"]["gpu_model"] == TEST_GPU_MODEL
+    assert {t["labels"]["instance"] for t in active if t["labels"]["job"] == "node"} == {TEST_HOST}
+    assert {r["metric"]["instance"] for r in stack.series('up{job="gpu_users"}')} == {
+        TEST_HOST,
+        GPU_SAMPLE_HOST,
+    }
 
 
 def test_labq_job_label_is_stored_as_labq_job(stack: Stack) -> None:

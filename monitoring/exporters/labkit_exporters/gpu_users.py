@@ -362,12 +362,12 @@ class GpuUserCollector(Collector):
         memory = GaugeMetricFamily(
             "labkit_gpu_user_memory_used_bytes",
             "GPU memory used by the compute processes of one owner (user, labq job, container) on a GPU.",
-            labels=["gpu", "uuid", "user", "job", "container"],
+            labels=["gpu", "uuid", "user", "labq_job", "container"],
         )
         processes = GaugeMetricFamily(
             "labkit_gpu_user_processes",
             "Number of compute processes of one owner on a GPU.",
-            labels=["gpu", "uuid", "user", "job", "container"],
+            labels=["gpu", "uuid", "user", "labq_job", "container"],
         )
         docker_failed = [False]
         seen: set[str] = set()
