@@ -418,7 +418,9 @@ class Daemon:
                 continue
             info = containers.pop(job.id, None)
             if info is None:
-                if job.state == JobState.STARTING:
+                if job.state == JobState.STARTING and job.stop_reason == StopReason.CANCEL:
+                    self.store.update(job.id, state=JobState.CANCELLED, end_time=self.clock())
+                elif job.state == JobState.STARTING:
                     log.info("job %d: resuming interrupted start", job.id)
                     self._on_started(*self._create(job))
                 else:
@@ -470,8 +472,17 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o022)
     _prepare_dirs(cfg)
     store = SqliteStore(cfg.db_path)
-    runtime = DockerRuntime(cfg, store.instance)
-    inventory = make_inventory(cfg.gpus)
+    try:
+        runtime = DockerRuntime(cfg, store.instance)
+    except Exception as exc:
+        print(f"labqd: cannot talk to Docker: {exc}", file=sys.stderr)
+        return 1
+    try:
+        inventory = make_inventory(cfg.gpus)
+    except Exception as exc:
+        print(f"labqd: cannot read GPUs through NVML ({exc}); on a node without GPUs set "
+              f"gpus = [\"fake-0\", ...] in the config", file=sys.stderr)
+        return 1
     daemon = Daemon(cfg, store, runtime, inventory)
     signal.signal(signal.SIGTERM, daemon.handle_signal)
     signal.signal(signal.SIGINT, daemon.handle_signal)

@@ -111,6 +111,11 @@ class Service:
             raise ProtocolError(ErrorCode.PERMISSION, "priority: only admins may set a priority above 0")
         if not cwd.startswith("/"):
             raise invalid("cwd: must be an absolute path")
+        home = os.path.normpath(caller.home)
+        if home == "/" or not home.startswith("/"):
+            # A home of "/" would mount the whole host into the container.
+            raise ProtocolError(ErrorCode.PERMISSION, f"home: the home directory of {caller.user} "
+                                f"('{caller.home}') cannot be mounted")
         img = image or cfg.default_image
         if cfg.allowed_images and not any(fnmatch.fnmatchcase(img, p) for p in cfg.allowed_images):
             raise invalid(f"image: '{img}' is not allowed on this node")

@@ -205,3 +205,15 @@ def test_exit_from_a_die_event_needs_no_inspect_and_is_enriched_later(
     assert enriched is not None and enriched.oom_killed and enriched.reason == "OOM killed"
     assert enriched.start_time == 10.0 and enriched.end_time == 42.0
     assert ("remove", cid) in rt.calls
+
+
+def test_job_cancelled_while_starting_is_not_created_after_a_crash(
+        env: tuple[Daemon, SqliteStore, FakeRuntime]) -> None:
+    d, store, rt = env
+    (job_id,) = store.add_jobs([spec()], now=1.0)
+    assert store.mark_starting(job_id, ["g0"], 2.0)
+    store.update(job_id, stop_reason=StopReason.CANCEL, reason="cancelled by alice")
+    d.reconcile()
+    job = store.get(job_id)
+    assert job is not None and job.state == JobState.CANCELLED and job.reason == "cancelled by alice"
+    assert not [c for c in rt.calls if c[0] == "create"]
