@@ -61,7 +61,7 @@ class Stack:
 
 def _prometheus_config(tmp: Path, targets: dict[str, list[tuple[int, str]]], prom_port: int) -> Path:
     cfg: dict[str, Any] = yaml.safe_load((MONITORING / "prometheus" / "prometheus.example.yml").read_text())
-    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    cfg["global"].update(scrape_interval="2s", scrape_timeout="2s", evaluation_interval="1s")
     cfg["rule_files"] = [str(RULES_DIR / "*.rules.yml")]
     cfg.pop("alerting")
     kept = []
@@ -162,17 +162,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
         )
         s = Stack(prometheus=f"http://127.0.0.1:{prom_port}")
-        wait_for(lambda: http_ok(f"{s.prometheus}/-/ready"), what="prometheus ready")
+        wait_for(lambda: http_ok(f"{s.prometheus}/-/ready"), timeout=40, what="prometheus ready")
 
         expected = {(job, host) for job, hosts in targets.items() for _, host in hosts}
 
-        def scraped_thrice() -> bool:
+        def scraped_twice() -> bool:
             up = {(r["metric"]["job"], r["metric"]["instance"]): r["value"][1] for r in s.series("up")}
             scrapes = {
                 (r["metric"]["job"], r["metric"]["instance"]): float(r["value"][1])
                 for r in s.series("count_over_time(up[1m])")
             }
-            return all(up.get(t) == "1" and scrapes.get(t, 0) >= 3 for t in expected)
+            return all(up.get(t) == "1" and scrapes.get(t, 0) >= 2 for t in expected)
 
-        wait_for(scraped_thrice, timeout=30, what="all targets scraped three times")
+        wait_for(scraped_twice, timeout=40, what="all targets scraped twice")
         yield s

@@ -56,7 +56,7 @@ def alertmanager(tmp_path: Path, slack: SlackSink, smtp: SmtpSink) -> Iterator[s
         "--cluster.listen-address=",
     ]
     with running(cmd, tmp_path / "alertmanager.log") as proc:
-        wait_for(lambda: http_ok(f"{url}/-/ready"), what="alertmanager ready")
+        wait_for(lambda: http_ok(f"{url}/-/ready"), timeout=40, what="alertmanager ready")
         yield url
         assert proc.poll() is None, (tmp_path / "alertmanager.log").read_text()
 
