@@ -184,6 +184,61 @@ def build_image(force: bool = False) -> str:
     return tag
 
 
+# --------------------------------------------------------------------------- service images
+IMAGES_DIR = HERE / "images"
+ARCHIVE_DIR = REPO / ".lab" / "images"
+
+
+def service_images() -> list[dict[str, str]]:
+    images: list[dict[str, str]] = yaml.safe_load((IMAGES_DIR / "images.yml").read_text())
+    return images
+
+
+def archive_path(image: dict[str, str]) -> Path:
+    """Where the lab keeps an image as a `docker save` archive (monitoring_server_image_archive_dir)."""
+    return ARCHIVE_DIR / f"{image['image'].rsplit('/', 1)[-1]}-{image['tag']}.tar"
+
+
+def build_service_images() -> None:
+    """Build the lab's stand-ins for upstream service images and save each as an archive.
+
+    An image is rebuilt when its Dockerfile or the node image changes (recorded in a label).
+    """
+    import docker
+
+    client = docker_client()
+    base = client.images.get(IMAGE_ALIAS)
+    ARCHIVE_DIR.mkdir(parents=True, exist_ok=True)
+    for image in service_images():
+        ref = f"{image['image']}:{image['tag']}"
+        dockerfile = IMAGES_DIR / image["name"] / "Dockerfile"
+        recipe = hashlib.sha256(dockerfile.read_bytes() + base.id.encode()).hexdigest()[:16]
+        try:
+            current = client.images.get(ref).labels.get("labkit.recipe")
+        except docker.errors.ImageNotFound:
+            current = None
+        archive = archive_path(image)
+        if current != recipe:
+            log(f"building {ref}")
+            client.images.build(
+                path=str(dockerfile.parent),
+                tag=ref,
+                buildargs={"BASE": IMAGE_ALIAS, "APT_PROXY": apt_proxy_url()},
+                labels={"labkit.recipe": recipe},
+                network_mode=NETWORK,
+                rm=True,
+                forcerm=True,
+            )
+            archive.unlink(missing_ok=True)
+        if not archive.exists():
+            log(f"saving {ref} to {archive.relative_to(REPO)}")
+            partial = archive.with_suffix(".partial")
+            with partial.open("wb") as out:
+                for chunk in client.images.get(ref).save(named=True):
+                    out.write(chunk)
+            partial.rename(archive)
+
+
 # --------------------------------------------------------------------------- infra
 def ensure_network(client: Any) -> None:
     import docker
@@ -350,6 +405,7 @@ def up() -> None:
     client = docker_client()
     ensure_network(client)
     ensure_proxy()
+    build_service_images()
     hosts = lab_hosts()
     containers = [start_host(client, h, image) for h in hosts]
     for container in containers:
@@ -441,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     img = sub.add_parser("image", help="build or reuse the node image")
     img.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
     sub.add_parser("infra", help="lab network and apt proxy")
+    sub.add_parser(
+        "images", help="build the lab's service images (Prometheus, Alertmanager) and their archives"
+    )
     sub.add_parser("up", help="start the lab's hosts and write inventory/lab/hosts.yml")
     st = sub.add_parser("status", help="what runs where")
     st.add_argument("--json", action="store_true")
@@ -451,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         print(build_image(force=args.force))
     elif args.command == "infra":
         infra()
+    elif args.command == "images":
+        infra()
+        build_service_images()
     elif args.command == "up":
         up()
     elif args.command == "status":

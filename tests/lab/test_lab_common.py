@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from conftest import ADMIN_KEY, run_playbook, ssh
+from lab_helpers import ADMIN_KEY, run_playbook, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

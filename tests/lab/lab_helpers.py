@@ -1,0 +1,77 @@
+"""Helpers for the lab's end-to-end checks: run playbooks, log in over SSH, parse recaps.
+
+Imported as `lab_helpers` (a unique module name: several test directories have a conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_INVENTORY = REPO / "inventory" / "lab"
+ADMIN_KEY = REPO / ".lab" / "admin_ed25519"
+RECAP = re.compile(
+    r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
+    r"\s+failed=(?P<failed>\d+)",
+    re.M,
+)
+
+
+@dataclass
+class PlaybookRun:
+    rc: int
+    output: str
+
+    def recap(self) -> dict[str, dict[str, int]]:
+        return {
+            m["host"]: {k: int(m[k]) for k in ("ok", "changed", "unreachable", "failed")}
+            for m in RECAP.finditer(self.output)
+        }
+
+
+def run_playbook(playbook: str, *args: str, inventory: Path = LAB_INVENTORY) -> PlaybookRun:
+    env = dict(
+        os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"
+    )
+    proc = subprocess.run(
+        ["ansible-playbook", "-i", str(inventory), str(REPO / "playbooks" / playbook), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return PlaybookRun(proc.returncode, proc.stdout + proc.stderr)
+
+
+def ssh(
+    address: str, user: str, *cmd: str, key: Path = ADMIN_KEY, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """A real SSH login from this machine to a lab host."""
+    return subprocess.run(
+        [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+            str(key),
+            *extra,
+            f"{user}@{address}",
+            *cmd,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
