@@ -53,7 +53,10 @@ class Daemon:
         self._pump_lock = threading.Lock()
         self._removing: OrderedDict[str, None] = OrderedDict()
         self._oom_seen: dict[str, None] = {}  # containers with a Docker "oom" event
+        self._log_settled: dict[int, threading.Event] = {}  # finished jobs whose log is still being saved
         self._idle = threading.Condition()
+        self._removals: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._remover, name="labq-remover", daemon=True).start()
         self._starting = 0  # container starts in flight; removals wait for them (less dockerd contention)
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="labq-worker")
         self._starters = None
@@ -76,6 +79,12 @@ class Daemon:
 
     def image_exists(self, image: str) -> bool:
         return self.runtime.image_exists(image)
+
+    def wait_log(self, job_id: int, timeout: float) -> None:
+        """Wait until a finished job's log file holds all its output (saved just after the exit)."""
+        ev = self._log_settled.get(job_id)
+        if ev is not None:
+            ev.wait(timeout)
 
     def gpu_ids(self) -> list[str]:
         return [g.id for g in self._gpus]
@@ -265,7 +274,9 @@ class Daemon:
         if cid is None:
             return
         # A very short job may already be recorded as finished (its exit was seen first).
-        if not self.store.transition(job_id, [JobState.STARTING], state=JobState.RUNNING, container_id=cid):
+        # The run time (and so the time limit) counts from here, not from the decision to start.
+        if not self.store.transition(job_id, [JobState.STARTING], state=JobState.RUNNING, container_id=cid,
+                                     start_time=self.clock()):
             return
         job = self.store.get(job_id)
         assert job is not None
@@ -322,13 +333,32 @@ class Daemon:
                     log.exception("job %d: could not save the output", job.id)
             with self._pump_lock:
                 self._pumps.pop(job.id, None)
+            settled = self._log_settled.pop(job.id, None)
+            if settled is not None:
+                settled.set()
             self._enrich(job.id, cid)
-            with self._idle:
-                self._idle.wait_for(lambda: self._starting == 0, timeout=10)
-            self.runtime.remove(cid)
-            self._oom_seen.pop(cid, None)
+            self._removals.put(cid)
 
         self._workers.submit(run)
+
+    def _remover(self) -> None:
+        """Remove finished containers one by one, letting container starts go first."""
+        while True:
+            cid = self._removals.get()
+            with self._idle:
+                self._idle.wait_for(lambda: self._starting == 0, timeout=10)
+            try:
+                self.runtime.remove(cid)
+            except Exception:
+                log.exception("could not remove container %s", cid[:12])
+            finally:
+                self._oom_seen.pop(cid, None)
+                self._removals.task_done()
+
+    def settle(self) -> None:
+        """Wait for background work (log saving, removals) to finish; for tests and tools."""
+        self._workers.shutdown(wait=True)
+        self._removals.join()
 
     def _enrich(self, job_id: int, cid: str) -> None:
         """Before removal: take Docker's own start/finish times and OOM flag for the record."""
@@ -405,6 +435,7 @@ class Daemon:
             else:
                 reason = f"exit code {code}"
         log.debug("job %d: exit %s recorded", job_id, code)
+        self._log_settled.setdefault(job_id, threading.Event())
         self.store.update(job_id, state=state, reason=reason, exit_code=code, oom_killed=info.oom_killed,
                           end_time=info.finished_at or self.clock(),
                           start_time=info.started_at or job.start_time, container_id=cid)

@@ -27,6 +27,7 @@ class Backend(Protocol):
     def image_exists(self, image: str) -> bool: ...
     def gpu_ids(self) -> list[str]: ...
     def gpu_report(self) -> list[dict[str, Any]]: ...
+    def wait_log(self, job_id: int, timeout: float) -> None: ...
 
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.+-]")
@@ -162,6 +163,8 @@ class Service:
 
     def op_logs(self, caller: Caller, *, id: int, offset: int, max_bytes: int) -> dict[str, Any]:
         job = self._owned(caller, [id], "read the output of")[0]
+        if job.state.final:
+            self.backend.wait_log(job.id, 10.0)
         path = log_path(self.cfg, job.id)
         data = b""
         size = 0

@@ -221,14 +221,15 @@ class SqliteStore:
         return out
 
     def history(self, user: str | None, limit: int) -> list[Job]:
+        """Finished jobs, newest first: walks the end_time index and stops after ``limit`` rows."""
         marks = ",".join("?" for _ in FINAL_STATES)
         params: list[Any] = [s.value for s in FINAL_STATES]
-        where = f"WHERE state IN ({marks})"
+        where = f"INDEXED BY jobs_end WHERE end_time IS NOT NULL AND state IN ({marks})"
         if user is not None:
             where += " AND user = ?"
             params.append(user)
         params.append(limit)
-        return self._select(where + " ORDER BY end_time DESC, id DESC LIMIT ?", params)
+        return self._select(where + " ORDER BY end_time DESC LIMIT ?", params)
 
     def update(self, job_id: int, **fields: Any) -> None:
         bad = set(fields) - _UPDATABLE

@@ -79,7 +79,7 @@ def env(tmp_path: Path) -> Iterator[tuple[Daemon, SqliteStore, FakeRuntime]]:
     rt = FakeRuntime()
     d = Daemon(cfg, store, rt, FakeInventory(["g0", "g1"]), clock=lambda: 100.0, parallel_starts=0)
     yield d, store, rt
-    d._workers.shutdown(wait=True)
+    d.settle()
 
 
 def spec(gpus: int = 1) -> JobSpec:
@@ -127,7 +127,7 @@ def test_reconcile_resumes_or_adopts_and_records_exits(env: tuple[Daemon, Sqlite
     store.update(ids[5], state=JobState.RUNNING, container_id=c6)
     stranger = rt.add(999, "running")
     d.reconcile()
-    d._workers.shutdown(wait=True)
+    d.settle()
     creates = [c for c in rt.calls if c[0] == "create"]
     assert creates == [("create", str(ids[0]))]
     assert ("start", c2) in rt.calls and ("start", c3) not in rt.calls
@@ -166,7 +166,7 @@ def test_exit_is_mapped_to_a_final_state(env: tuple[Daemon, SqliteStore, FakeRun
     rt.containers[job.container_id] = info(old.id, job_id, "exited", code, False, 30.0)
     d.on_exit(job.container_id, job_id)
     d.on_exit(job.container_id, job_id)  # a second notice (event + log stream end) changes nothing
-    d._workers.shutdown(wait=True)
+    d.settle()
     done = store.get(job_id)
     assert done is not None and done.state == state and done.reason == reason and done.exit_code == code
     assert [c for c in rt.calls if c[0] == "remove"] == [("remove", job.container_id)]
@@ -199,7 +199,7 @@ def test_exit_from_a_die_event_needs_no_inspect_and_is_enriched_later(
     assert recorded.end_time == 41.5 and recorded.reason == "killed by signal 9 (exit code 137)"
     assert calls == []  # the GPU was freed without asking Docker
     gate.set()
-    d._workers.shutdown(wait=True)
+    d.settle()
     assert calls == [cid]  # then inspected once, in a worker, before removal
     enriched = store.get(job_id)
     assert enriched is not None and enriched.oom_killed and enriched.reason == "OOM killed"

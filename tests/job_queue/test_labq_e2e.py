@@ -107,6 +107,10 @@ def test_no_root_mount_and_no_privileges(make_labqd: Any) -> None:
         res = d.labq("submit", "--gpus", "0", *args, "--", "true", user="alice")
         assert res.returncode in (2, 4), res
         assert res.stderr.startswith(f"labq: {field}:"), res.stderr
+    for field, value in (("privileged", True), ("cap_add", ["SYS_ADMIN"]), ("user", "root"),
+                         ("volumes", ["/:/host"])):
+        reply = d.call("submit", command=["true"], cwd="/root", gpus=0, **{field: value})
+        assert reply["error"]["message"] == f"{field}: unknown field for 'submit'"
     assert json.loads(d.labq("ls", "--json").stdout) == []
     job_id = submit(d, "alice", "--gpus", "0", "--mount", "scratch", "--", "sh", "-c", "touch /scratch/x")
     job = d.wait_state(job_id, ("succeeded", "failed"))
@@ -145,6 +149,15 @@ def test_bad_input_is_refused_and_nothing_queued(labqd: Labqd) -> None:
         assert res.returncode == 2, (args, res.stderr)
         assert res.stderr.startswith(f"labq: {field}:"), (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    raw = subprocess.run([sys.executable, "-m", "job_queue.cli", "submit", "--gpus", "0", "--", "echo",
+                          b"caf\xff"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "LABQ_SOCKET": labqd.socket, "PYTHONPATH": str(REPO)})
+    assert raw.returncode == 2 and raw.stderr == "labq: command: not valid UTF-8\n"
     assert json.loads(labqd.labq("ls", "--json").stdout) == []
     assert labqd.labq("show", "12345").returncode == 3
     assert labqd.call("ping")["ok"]

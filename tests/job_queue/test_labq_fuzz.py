@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from typing import Any
 
@@ -25,6 +26,15 @@ json_values = st.recursive(
     max_leaves=12,
 )
 field_names = st.sampled_from(sorted({f for schema in OPS.values() for f in schema} | {"bogus", "v", "op"}))
+
+
+def valid_text(s: str) -> bool:
+    """No NUL and encodable as UTF-8 (lone surrogates are not)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in s
 
 
 def check_reply(d: Labqd, reply: dict[str, Any]) -> None:
@@ -80,7 +90,8 @@ def test_submit_validation_matches_the_rules(shared_labqd: Labqd, gpus: int, tim
     reply = shared_labqd.request(json.dumps(req).encode())
     check_reply(shared_labqd, reply)
     should_pass = (0 <= gpus <= 4 and (time_limit is None or 1 <= time_limit <= 366 * 86400)
-                   and (cpus is None or 0 < cpus <= 2) and bool(command) and command[0] != ""
+                   and (cpus is None or 0 < cpus <= (os.cpu_count() or 1)) and bool(command)
+                   and command[0] != "" and all(valid_text(a) for a in command)
                    and not mounts and image in (None, "labq-test-busybox:1"))
     assert reply["ok"] is should_pass, (req, reply)
     after = {j["id"] for j in shared_labqd.call("ls")["result"]["jobs"]}

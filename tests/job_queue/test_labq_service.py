@@ -34,6 +34,9 @@ class Backend:
     def gpu_report(self) -> list[dict[str, Any]]:
         return []
 
+    def wait_log(self, job_id: int, timeout: float) -> None:
+        pass
+
 
 def caller(user: str = "alice", uid: int = 1000, home: str = "/home/alice", admin: bool = False) -> Caller:
     return Caller(pid=1, uid=uid, gid=uid, user=user, home=home, groups=(uid,), is_admin=admin)
