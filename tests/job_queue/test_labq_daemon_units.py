@@ -11,7 +11,7 @@ import pytest
 
 from job_queue.config import parse_config
 from job_queue.daemon import Daemon
-from job_queue.gpus import FakeInventory
+from job_queue.gpus import FakeInventory, ForeignProcess, GpuInfo
 from job_queue.models import JobSpec, JobState, StopReason
 from job_queue.runtime import ContainerEvent, ContainerInfo, RuntimeError_
 from job_queue.store import SqliteStore
@@ -217,3 +217,38 @@ def test_job_cancelled_while_starting_is_not_created_after_a_crash(
     job = store.get(job_id)
     assert job is not None and job.state == JobState.CANCELLED and job.reason == "cancelled by alice"
     assert not [c for c in rt.calls if c[0] == "create"]
+
+
+class ForeignInventory:
+    """An NVML-like inventory (not fake): GPU g1 is used by a process outside labq."""
+
+    fake = False
+
+    def __init__(self) -> None:
+        self.seen_own: list[list[str]] = []
+
+    def snapshot(self, own_containers: object) -> list[GpuInfo]:
+        self.seen_own.append(list(own_containers))  # type: ignore[call-overload]
+        return [GpuInfo(id="g0", index=0), GpuInfo(id="g1", index=1, foreign=(
+            ForeignProcess(pid=4242, user="mallory", memory_bytes=3 << 30),))]
+
+
+def test_gpu_with_a_foreign_process_is_reported_and_not_given_out(tmp_path: Path) -> None:
+    cfg = parse_config({"gpus": "nvml", "state_dir": str(tmp_path), "log_dir": str(tmp_path)})
+    store = SqliteStore(str(tmp_path / "q.db"))
+    rt = FakeRuntime()
+    inv = ForeignInventory()
+    d = Daemon(cfg, store, rt, inv, clock=lambda: 100.0, parallel_starts=0)
+    one, two = store.add_jobs([spec(1), spec(1)], now=1.0)
+    d.schedule_pass()
+    first, second = store.get(one), store.get(two)
+    assert first is not None and first.assigned_gpus == ["g0"] and first.state == JobState.RUNNING
+    assert second is not None and second.state == JobState.PENDING
+    assert second.reason == "Resources (GPU busy outside labq: g1: pid 4242 of mallory, 3072 MiB)"
+    report = {g["id"]: g for g in d.gpu_report()}
+    assert report["g0"]["state"] == "job" and report["g0"]["job"] == one
+    assert report["g1"]["state"] == "foreign"
+    assert report["g1"]["foreign"] == [{"pid": 4242, "user": "mallory", "memory_bytes": 3 << 30}]
+    d.schedule_pass()
+    assert inv.seen_own[-1] == [first.container_id]  # processes in our containers are not foreign
+    d.settle()
