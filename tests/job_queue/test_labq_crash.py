@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,16 @@ def test_kill9_repeatedly_exactly_once_and_no_lost_jobs(labqd: Labqd, users: dic
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     os.chown(work, alice.pw_uid, alice.pw_gid)
+    root_work = Path(f"/root/crash-{os.getpid()}")  # root's jobs see only root's home
+    shutil.rmtree(root_work, ignore_errors=True)
+    root_work.mkdir()
     # Each job appends its id to a shared file when it starts, prints a line, runs briefly and
     # exits with a code derived from its id, so every recorded code can be checked.
-    script = (f'echo "$LABQ_JOB_ID" >> {work}/starts; echo "out-$LABQ_JOB_ID"; '
-              'sleep 0.$((LABQ_JOB_ID % 7 + 2)); exit $((LABQ_JOB_ID % 3))')
+    def job_script(where: Path) -> str:
+        return (f'echo "$LABQ_JOB_ID" >> {where}/starts; echo "out-$LABQ_JOB_ID"; '
+                'sleep 0.$((LABQ_JOB_ID % 7 + 2)); exit $((LABQ_JOB_ID % 3))')
+
+    script = job_script(work)
     rng = random.Random(6)
     submitted: list[int] = []
 
@@ -37,13 +45,40 @@ def test_kill9_repeatedly_exactly_once_and_no_lost_jobs(labqd: Labqd, users: dic
             assert res.returncode == 0, res.stderr
             submitted.append(int(res.stdout))
 
+    # Meanwhile root keeps submitting straight to the socket, also while labqd is dead or dying:
+    # every acknowledged submission must survive; an unacknowledged one may or may not exist.
+    stop = threading.Event()
+    acknowledged: list[int] = []
+
+    def background() -> None:
+        while not stop.is_set():
+            try:
+                reply = labqd.call("submit", command=["sh", "-c", job_script(root_work)], cwd="/root", gpus=0)
+            except (OSError, ValueError):
+                time.sleep(0.05)
+                continue
+            if reply.get("ok"):
+                submitted.extend(reply["result"]["ids"])
+                acknowledged.extend(reply["result"]["ids"])
+            time.sleep(0.4)
+
     submit_some(12)
+    thread = threading.Thread(target=background)
+    thread.start()
     for _round in range(6):
         time.sleep(rng.uniform(0.1, 1.2))
         labqd.kill9()
         time.sleep(rng.uniform(0.0, 0.8))  # containers keep running and exiting while labqd is down
         labqd.start()
         submit_some(2)
+    stop.set()
+    thread.join()
+    # active jobs first, then finished ones: a job can only move from the first set to the second
+    known = {j["id"] for j in json.loads(labqd.labq("ls", "--json").stdout)}
+    known |= {j["id"] for j in json.loads(labqd.labq("history", "--json", "-n", "10000").stdout)}
+    assert set(submitted) <= known, "an acknowledged submission was lost"
+    assert len(acknowledged) >= 3
+    submitted[:] = sorted(known)
 
     deadline = time.monotonic() + 120
     jobs: dict[int, dict[str, Any]] = {}
@@ -54,16 +89,16 @@ def test_kill9_repeatedly_exactly_once_and_no_lost_jobs(labqd: Labqd, users: dic
         time.sleep(0.3)
     assert all(j["state"] in FINAL for j in jobs.values()), {i: j["state"] for i, j in jobs.items()}
 
-    starts = [int(x) for x in (work / "starts").read_text().split()]
+    starts = [int(x) for where in (work, root_work) for x in (where / "starts").read_text().split()]
     assert sorted(starts) == sorted(submitted), "every job started exactly once"
     for job_id, job in jobs.items():
         assert job["exit_code"] == job_id % 3, job
         assert job["state"] == ("succeeded" if job_id % 3 == 0 else "failed"), job
         assert job["start_time"] is not None and job["end_time"] >= job["start_time"]
-        log = labqd.labq("logs", str(job_id), user="alice")
+        log = labqd.labq("logs", str(job_id), user=job["user"] if job["user"] != "root" else None)
         assert log.stdout == f"out-{job_id}\n", (job_id, log.stdout, log.stderr)
     # finished containers are removed once their exit is recorded
-    names = {f"labq-{i}-alice" for i in submitted}
+    names = {f"labq-{i}-{jobs[i]['user']}" for i in submitted}
 
     def leftover() -> list[str]:
         return [c.name for c in docker_client().containers.list(all=True) if c.name in names]
@@ -73,3 +108,4 @@ def test_kill9_repeatedly_exactly_once_and_no_lost_jobs(labqd: Labqd, users: dic
         time.sleep(0.2)
     assert leftover() == []
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(root_work, ignore_errors=True)
