@@ -140,20 +140,26 @@ class Daemon:
                     msgs.append(self.queue.get_nowait())
             if self.stopping():
                 break
+            for msg in msgs:
+                try:
+                    self._handle(msg)
+                except Exception:  # one bad message must not cost the others
+                    log.exception("error handling %s; continuing", msg[0])
             try:
-                for msg in msgs:
-                    if msg[0] == "die":
-                        self.on_exit(msg[1], msg[2], event=msg[3] if len(msg) > 3 else None)
-                    elif msg[0] == "oom":
-                        self._oom_seen[msg[1]] = None
-                    elif msg[0] == "started":
-                        self._on_started(msg[1], msg[2], msg[3])
-                    elif msg[0] == "reconcile":
-                        self.reconcile()
                 self.schedule_pass()
             except Exception:
-                log.exception("error in main loop; continuing")
+                log.exception("error in scheduling pass; continuing")
         self.shutdown()
+
+    def _handle(self, msg: Message) -> None:
+        if msg[0] == "die":
+            self.on_exit(msg[1], msg[2], event=msg[3] if len(msg) > 3 else None)
+        elif msg[0] == "oom":
+            self._oom_seen[msg[1]] = None
+        elif msg[0] == "started":
+            self._on_started(msg[1], msg[2], msg[3])
+        elif msg[0] == "reconcile":
+            self.reconcile()
 
     def shutdown(self) -> None:
         """Drain: stop listening, leave running containers running, close the store."""
@@ -213,10 +219,10 @@ class Daemon:
             d = schedule(jobs, [g.id for g in self._gpus], self.policy, now, deps, unavailable)
             self.next_deadline = d.next_deadline
             by_id = {j.id: j for j in jobs}
+            changed = {i: r for i, r in d.reasons.items() if by_id[i].reason != r}
+            if changed:
+                self.store.set_reasons(changed)
             with self.store.tx():
-                for job_id, reason in d.reasons.items():
-                    if by_id[job_id].reason != reason:
-                        self.store.update(job_id, reason=reason)
                 for job_id, reason in d.cancels:
                     self.store.transition(job_id, [JobState.PENDING], state=JobState.CANCELLED,
                                           reason=reason, end_time=now)

@@ -65,6 +65,7 @@ class Store(Protocol):
     def states(self, ids: Iterable[int]) -> dict[int, JobState]: ...
     def history(self, user: str | None, limit: int) -> list[Job]: ...
     def update(self, job_id: int, **fields: Any) -> None: ...
+    def set_reasons(self, reasons: dict[int, str]) -> None: ...
     def mark_starting(self, job_id: int, gpus: Sequence[str], now: float) -> bool: ...
     def close(self) -> None: ...
 
@@ -250,6 +251,13 @@ class SqliteStore:
             cur.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*values, job_id])  # noqa: S608
             if cur.rowcount != 1:
                 raise StoreError(f"job {job_id} not found")
+
+    def set_reasons(self, reasons: dict[int, str]) -> None:
+        """Set the pending reasons of jobs that are still pending or held (one transaction)."""
+        with self.tx() as cur:
+            cur.executemany(
+                "UPDATE jobs SET reason = ? WHERE id = ? AND state IN (?, ?)",
+                [(r, i, JobState.PENDING.value, JobState.HELD.value) for i, r in reasons.items()])
 
     def transition(self, job_id: int, allowed: Sequence[JobState], **fields: Any) -> bool:
         """Update ``job_id`` only if it is in one of ``allowed`` states (atomically). Returns success."""

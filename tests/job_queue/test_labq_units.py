@@ -174,6 +174,15 @@ def test_store_roundtrip_wal_and_transitions(tmp_path: Path) -> None:
     assert again.instance == instance and again.get(2) is not None
 
 
+def test_reasons_only_touch_waiting_jobs(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "q.db"))
+    a, b = store.add_jobs([spec(), spec()], now=1.0)
+    store.update(b, state=JobState.CANCELLED, reason="cancelled by alice")
+    store.set_reasons({a: "Resources", b: "Resources"})
+    assert store.get(a).reason == "Resources"  # type: ignore[union-attr]
+    assert store.get(b).reason == "cancelled by alice"  # type: ignore[union-attr]
+
+
 def test_store_transaction_rolls_back(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "q.db"))
     store.add_jobs([spec()], now=1.0)
