@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import sqlite3
 import threading
 from pathlib import Path
@@ -244,7 +245,6 @@ def test_nvml_inventory_reports_foreign_processes_only(tmp_path: Path) -> None:
         d = tmp_path / str(pid)
         d.mkdir()
         (d / "cgroup").write_text(cgroup)
-        os.chown(d, 0, 0)
     nv = FakeNvml({0: [SimpleNamespace(pid=101, usedGpuMemory=1 << 30)],
                    1: [SimpleNamespace(pid=202, usedGpuMemory=300 << 20)]})
     inv = NvmlInventory(nvml=nv, proc_root=str(tmp_path))
@@ -252,8 +252,9 @@ def test_nvml_inventory_reports_foreign_processes_only(tmp_path: Path) -> None:
     assert nv.inited and [g.id for g in snap] == ["GPU-uuid-0", "GPU-uuid-1"]
     assert snap[0].foreign == ()
     (proc,) = snap[1].foreign
-    assert proc.pid == 202 and proc.user == "root" and proc.memory_bytes == 300 << 20
-    assert proc.describe() == "pid 202 of root, 300 MiB"
+    me = pwd.getpwuid(os.getuid()).pw_name  # owner of the fake /proc/<pid> directory
+    assert proc.pid == 202 and proc.user == me and proc.memory_bytes == 300 << 20
+    assert proc.describe() == f"pid 202 of {me}, 300 MiB"
     # without knowing our containers, every process is foreign
     assert len(inv.snapshot([])[0].foreign) == 1
 
