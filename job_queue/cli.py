@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="print a job's output")
     logs.add_argument("id", type=int)
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("--json", action="store_true", help="print {id, state, output} (no --follow)")
     for name, text in (("cancel", "cancel jobs"), ("hold", "hold pending jobs"),
                        ("release", "release held jobs")):
         c = sub.add_parser(name, help=text)
@@ -256,6 +257,19 @@ def cmd_logs(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
 
     offset = 0
     out = sys.stdout.buffer
+    if args.json:
+        if args.follow:
+            raise CliError("logs: --json and --follow cannot be combined", EXIT_USAGE)
+        chunks = []
+        while True:
+            res = client.call("logs", id=args.id, offset=offset)
+            chunks.append(base64.b64decode(res["data"]))
+            offset = res["offset"]
+            if res["eof"]:
+                break
+        _print_json({"id": args.id, "state": res["state"],
+                     "output": b"".join(chunks).decode("utf-8", errors="replace")})
+        return EXIT_OK
     while True:
         res = client.call("logs", id=args.id, offset=offset)
         data = base64.b64decode(res["data"])

@@ -127,6 +127,8 @@ def test_logs_follow_and_show(labqd: Labqd) -> None:
     show = labqd.labq("show", str(job_id), user="alice").stdout
     assert "name:        chatty" in show and "exit code:   3" in show and "state:       failed" in show
     assert labqd.labq("logs", str(job_id), user="bob").returncode == 4
+    as_json = json.loads(labqd.labq("logs", "--json", str(job_id), user="alice").stdout)
+    assert as_json == {"id": job_id, "state": "failed", "output": "one\ntwo\n"}
 
 
 def test_prometheus_metrics_follow_the_contract(make_labqd: Any) -> None:
