@@ -276,10 +276,11 @@ def _remove_instance_containers(root: Path) -> None:
         conn.close()
     if row is None:
         return
-    client = docker_client()
-    for c in client.containers.list(all=True, filters={"label": f"labq.instance={row[0]}"}):
+    api = docker_client().api
+    # low-level listing: no per-container inspect that could race with a removal in progress
+    for c in api.containers(all=True, filters={"label": f"labq.instance={row[0]}"}):
         with contextlib.suppress(Exception):
-            c.remove(force=True)
+            api.remove_container(c["Id"], force=True)
 
 
 def _new_labqd(extra_config: str = "", metrics_port: int = 0) -> Labqd:

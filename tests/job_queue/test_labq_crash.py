@@ -101,7 +101,8 @@ def test_kill9_repeatedly_exactly_once_and_no_lost_jobs(labqd: Labqd, users: dic
     names = {f"labq-{i}-{jobs[i]['user']}" for i in submitted}
 
     def leftover() -> list[str]:
-        return [c.name for c in docker_client().containers.list(all=True) if c.name in names]
+        listed = docker_client().api.containers(all=True, filters={"name": "labq-"})
+        return [n.lstrip("/") for c in listed for n in c["Names"] if n.lstrip("/") in names]
 
     deadline = time.monotonic() + 30
     while leftover() and time.monotonic() < deadline:
