@@ -59,6 +59,8 @@ class Daemon:
         threading.Thread(target=self._remover, name="labq-remover", daemon=True).start()
         self._starting = 0  # container starts in flight; removals wait for them (less dockerd contention)
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="labq-worker")
+        # `docker stop` blocks for up to kill_grace: stops get their own threads.
+        self._stoppers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="labq-stop")
         self._starters = None
         if parallel_starts > 0:
             self._starters = ThreadPoolExecutor(parallel_starts, thread_name_prefix="labq-start")
@@ -75,7 +77,7 @@ class Daemon:
         self.queue.put(("wake",))
 
     def request_stop(self, job_id: int) -> None:
-        self._workers.submit(self._stop, job_id)
+        self._stoppers.submit(self._stop, job_id)
 
     def image_exists(self, image: str) -> bool:
         return self.runtime.image_exists(image)
@@ -167,6 +169,7 @@ class Daemon:
         if self.api is not None:
             self.api.close()
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self._stoppers.shutdown(wait=False, cancel_futures=True)
         if self._starters is not None:
             # Starts already recorded finish or are resumed by the next labqd (reconcile).
             self._starters.shutdown(wait=False, cancel_futures=True)
@@ -270,6 +273,9 @@ class Daemon:
             return job.id, None, str(exc)
         except Exception:
             log.exception("job %d: docker unreachable; the start resumes on the next reconcile", job.id)
+            retry = threading.Timer(5.0, self.queue.put, args=(("reconcile",),))
+            retry.daemon = True
+            retry.start()
             return job.id, None, None
 
     def _on_started(self, job_id: int, cid: str | None, err: str | None) -> None:
@@ -363,6 +369,7 @@ class Daemon:
 
     def settle(self) -> None:
         """Wait for background work (log saving, removals) to finish; for tests and tools."""
+        self._stoppers.shutdown(wait=True)
         self._workers.shutdown(wait=True)
         self._removals.join()
 
