@@ -295,9 +295,11 @@ def _dispose(d: Labqd) -> None:
     if d.proc is not None and d.proc.poll() is None:
         d.proc.kill()
         d.proc.wait()
-    _remove_instance_containers(d.root)
-    if not os.environ.get("LABQ_TEST_KEEP"):  # set it to keep state, logs and labqd.stderr
-        shutil.rmtree(d.root, ignore_errors=True)
+    try:
+        _remove_instance_containers(d.root)
+    finally:
+        if not os.environ.get("LABQ_TEST_KEEP"):  # set it to keep state, logs and labqd.stderr
+            shutil.rmtree(d.root, ignore_errors=True)
 
 
 @pytest.fixture
