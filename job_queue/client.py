@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any
+
+TYPE_CHECKING = False  # see cli.py
+if TYPE_CHECKING:
+    from typing import Any
 
 # Duplicated from config.py/protocol.py on purpose: importing those costs tens of milliseconds of
 # CLI start-up (dataclasses, tomllib). A unit test keeps the copies equal.
