@@ -294,3 +294,19 @@ def test_working_dir_only_under_home() -> None:
     assert working_dir("/home/a", "/home/a/x/../y") == "/home/a/y"
     assert working_dir("/home/a", "/home/ab") == "/home/a"
     assert working_dir("/home/a", "/etc") == "/home/a"
+
+
+def test_cli_socket_path_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from job_queue.client import socket_path
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('socket = "/from/config.sock"\n')
+    monkeypatch.delenv("LABQ_SOCKET", raising=False)
+    monkeypatch.delenv("LABQ_CONFIG", raising=False)
+    assert socket_path(None, str(tmp_path / "missing.toml")) == "/run/labq/labq.sock"
+    assert socket_path(None, str(cfg)) == "/from/config.sock"
+    monkeypatch.setenv("LABQ_CONFIG", str(cfg))
+    assert socket_path(None, None) == "/from/config.sock"
+    monkeypatch.setenv("LABQ_SOCKET", "/from/env.sock")
+    assert socket_path(None, str(cfg)) == "/from/env.sock"
+    assert socket_path("/explicit.sock", str(cfg)) == "/explicit.sock"
