@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,9 +27,10 @@ from .config import Config, ConfigError, load_config
 from .gpus import GpuInfo, Inventory, make_inventory
 from .metrics import Metrics
 from .models import Job, JobState, StopReason
+from .reaper import Reaper
 from .runtime import ContainerEvent, ContainerInfo, DockerRuntime, Runtime, RuntimeError_
 from .scheduler import Policy, schedule
-from .service import Service, log_path
+from .service import Service
 from .store import SqliteStore
 
 log = logging.getLogger("labqd")
@@ -49,16 +49,7 @@ class Daemon:
         self.queue: queue.Queue[Message] = queue.Queue()
         self._stopping = False
         self.next_deadline: float | None = None
-        self._pumps: dict[int, threading.Thread] = {}
-        self._pump_lock = threading.Lock()
-        self._removing: OrderedDict[str, None] = OrderedDict()
-        self._oom_seen: dict[str, None] = {}  # containers with a Docker "oom" event
-        self._log_settled: dict[int, threading.Event] = {}  # finished jobs whose log is still being saved
-        self._idle = threading.Condition()
-        self._removals: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._remover, name="labq-remover", daemon=True).start()
-        self._starting = 0  # container starts in flight; removals wait for them (less dockerd contention)
-        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="labq-worker")
+        self.reaper = Reaper(cfg, store, runtime, lambda cid, job_id: self.queue.put(("die", cid, job_id)))
         # `docker stop` blocks for up to kill_grace: stops get their own threads.
         self._stoppers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="labq-stop")
         self._starters = None
@@ -84,9 +75,7 @@ class Daemon:
 
     def wait_log(self, job_id: int, timeout: float) -> None:
         """Wait until a finished job's log file holds all its output (saved just after the exit)."""
-        ev = self._log_settled.get(job_id)
-        if ev is not None:
-            ev.wait(timeout)
+        self.reaper.wait_output(job_id, timeout)
 
     def gpu_ids(self) -> list[str]:
         return [g.id for g in self._gpus]
@@ -157,7 +146,7 @@ class Daemon:
         if msg[0] == "die":
             self.on_exit(msg[1], msg[2], event=msg[3] if len(msg) > 3 else None)
         elif msg[0] == "oom":
-            self._oom_seen[msg[1]] = None
+            self.reaper.note_oom(msg[1])
         elif msg[0] == "started":
             self._on_started(msg[1], msg[2], msg[3])
         elif msg[0] == "reconcile":
@@ -168,7 +157,7 @@ class Daemon:
         log.info("labqd stopping; running containers keep running")
         if self.api is not None:
             self.api.close()
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        self.reaper.shutdown()
         self._stoppers.shutdown(wait=False, cancel_futures=True)
         if self._starters is not None:
             # Starts already recorded finish or are resumed by the next labqd (reconcile).
@@ -248,16 +237,9 @@ class Daemon:
         if self._starters is None:
             self._on_started(*self._create(job))
         else:  # create/start in parallel; the main loop records the result ("started")
-            with self._idle:
-                self._starting += 1
-
             def run() -> None:
-                try:
+                with self.reaper.starting():
                     result = self._create(job)
-                finally:
-                    with self._idle:
-                        self._starting -= 1
-                        self._idle.notify_all()
                 self.queue.put(("started", *result))
 
             self._starters.submit(run)
@@ -292,27 +274,9 @@ class Daemon:
             return
         job = self.store.get(job_id)
         assert job is not None
-        self._pump(job, cid)
+        self.reaper.follow(job, cid)
         if job.stop_reason is not None:
             self.request_stop(job_id)
-
-    def _pump(self, job: Job, cid: str) -> None:
-        """Follow the container's output into the job's log file; report the exit when it ends."""
-        with self._pump_lock:
-            t = self._pumps.get(job.id)
-            if t is not None and t.is_alive():
-                return
-
-            def run() -> None:
-                try:
-                    self.runtime.write_logs(cid, log_path(self.cfg, job.id), job.spec.uid, job.spec.gid, True)
-                except Exception:
-                    log.exception("job %d: log stream failed", job.id)
-                self.queue.put(("die", cid, job.id))
-
-            t = threading.Thread(target=run, name=f"labq-log-{job.id}", daemon=True)
-            self._pumps[job.id] = t
-            t.start()
 
     def _stop(self, job_id: int) -> None:
         job = self.store.get(job_id)
@@ -323,77 +287,10 @@ class Daemon:
         except Exception:
             log.exception("job %d: stop failed", job_id)
 
-    def _remove_later(self, job: Job, cid: str) -> None:
-        """Remove a finished container once its whole output is in the job's log file."""
-
-        with self._pump_lock:
-            if cid in self._removing:
-                return
-            self._removing[cid] = None
-            while len(self._removing) > 10000:  # remember recent removals only
-                self._removing.popitem(last=False)
-
-        def run() -> None:
-            t = self._pumps.get(job.id)
-            if t is not None:
-                t.join(60)
-            else:  # exited while labqd was down: the file may be partial, rewrite it from Docker
-                try:
-                    self.runtime.write_logs(cid, log_path(self.cfg, job.id), job.spec.uid, job.spec.gid,
-                                            False)
-                except Exception:
-                    log.exception("job %d: could not save the output", job.id)
-            with self._pump_lock:
-                self._pumps.pop(job.id, None)
-            settled = self._log_settled.pop(job.id, None)
-            if settled is not None:
-                settled.set()
-            self._enrich(job.id, cid)
-            self._removals.put(cid)
-
-        self._workers.submit(run)
-
-    def _remover(self) -> None:
-        """Remove finished containers one by one, letting container starts go first."""
-        while True:
-            cid = self._removals.get()
-            with self._idle:
-                self._idle.wait_for(lambda: self._starting == 0, timeout=10)
-            try:
-                self.runtime.remove(cid)
-            except Exception:
-                log.exception("could not remove container %s", cid[:12])
-            finally:
-                self._oom_seen.pop(cid, None)
-                self._removals.task_done()
-
     def settle(self) -> None:
-        """Wait for background work (log saving, removals) to finish; for tests and tools."""
+        """Wait for background work (stops, log saving, removals) to finish; for tests and tools."""
         self._stoppers.shutdown(wait=True)
-        self._workers.shutdown(wait=True)
-        self._removals.join()
-
-    def _enrich(self, job_id: int, cid: str) -> None:
-        """Before removal: take Docker's own start/finish times and OOM flag for the record."""
-        try:
-            info = self.runtime.inspect(cid)
-        except Exception:
-            log.exception("job %d: inspect failed", job_id)
-            return
-        job = self.store.get(job_id)
-        if info is None or not info.finished or job is None or not job.state.final:
-            return
-        fields: dict[str, Any] = {}
-        if info.started_at:
-            fields["start_time"] = info.started_at
-        if info.finished_at:
-            fields["end_time"] = info.finished_at
-        if info.oom_killed and not job.oom_killed:
-            fields["oom_killed"] = True
-            if job.state == JobState.FAILED:
-                fields["reason"] = "OOM killed"
-        if fields:
-            self.store.update(job_id, **fields)
+        self.reaper.settle()
 
     # ------------------------------------------------------------ exits and recovery
     def on_exit(self, cid: str, job_id: int, info: ContainerInfo | None = None,
@@ -408,11 +305,11 @@ class Daemon:
         if job is None:
             return
         if job.state.final and info is None:
-            self._remove_later(job, cid)  # a second notice for a recorded exit: no need to ask Docker
+            self.reaper.finish(job, cid)  # a second notice for a recorded exit: no need to ask Docker
             return
         if info is None and event is not None and event.exit_code is not None:
             info = ContainerInfo(id=cid, job_id=job_id, status="exited", instance=self.store.instance,
-                                 exit_code=event.exit_code, oom_killed=cid in self._oom_seen,
+                                 exit_code=event.exit_code, oom_killed=self.reaper.was_oom(cid),
                                  started_at=None, finished_at=event.time)
         if info is None:
             t0 = time.monotonic()
@@ -427,10 +324,10 @@ class Daemon:
             return
         if not info.finished:
             if info.status == "running" and job.state.active:
-                self._pump(job, cid)  # log stream ended early (dockerd restart): follow again
+                self.reaper.follow(job, cid)  # log stream ended early (dockerd restart): follow again
             return
         if job.state.final:
-            self._remove_later(job, cid)
+            self.reaper.finish(job, cid)
             return
         code = info.exit_code
         if job.stop_reason == StopReason.CANCEL:
@@ -448,11 +345,11 @@ class Daemon:
             else:
                 reason = f"exit code {code}"
         log.debug("job %d: exit %s recorded", job_id, code)
-        self._log_settled.setdefault(job_id, threading.Event())
+        self.reaper.expect_output(job_id)
         self.store.update(job_id, state=state, reason=reason, exit_code=code, oom_killed=info.oom_killed,
                           end_time=info.finished_at or self.clock(),
                           start_time=info.started_at or job.start_time, container_id=cid)
-        self._remove_later(job, cid)
+        self.reaper.finish(job, cid)
 
     def reconcile(self) -> None:
         """Match the store against labq-labelled containers after a (re)start or lost event stream."""
@@ -482,7 +379,7 @@ class Daemon:
                 self.on_exit(info.id, job.id, info)
             else:
                 log.info("job %d: re-adopted container %s", job.id, info.id[:12])
-                self._pump(job, info.id)
+                self.reaper.follow(job, info.id)
                 if job.stop_reason is not None:
                     self.request_stop(job.id)
         for job_id, info in containers.items():
@@ -491,7 +388,7 @@ class Daemon:
                 log.warning("container %s is labelled labq.job=%d but there is no such job; leaving it",
                             info.id[:12], job_id)
             elif info.finished:
-                self._remove_later(known, info.id)
+                self.reaper.finish(known, info.id)
 
 
 def _prepare_dirs(cfg: Config) -> None:

@@ -192,7 +192,7 @@ def test_exit_from_a_die_event_needs_no_inspect_and_is_enriched_later(
     rt.inspect = counting_inspect  # type: ignore[method-assign]
     gate = threading.Event()
     for _ in range(4):  # hold every worker, so only on_exit itself can call Docker below
-        d._workers.submit(gate.wait, 10)
+        d.reaper._workers.submit(gate.wait, 10)
     d.on_exit(cid, job_id, event=ContainerEvent("die", cid, job_id, 137, 41.5))
     recorded = store.get(job_id)
     assert recorded is not None and recorded.state == JobState.FAILED and recorded.exit_code == 137
