@@ -68,8 +68,15 @@ def job_environment(job: Job) -> dict[str, str]:
     return env
 
 
+HOST_CONFIG_KEYS = frozenset({"group_add", "mounts", "security_opt", "cap_drop", "privileged", "network_mode",
+                              "nano_cpus", "mem_limit", "device_requests"})
+
+
 def container_options(job: Job, cfg: Config, instance: str = "") -> dict[str, Any]:
-    """Keyword arguments for ``client.containers.create`` (pure; unit-tested for the security options)."""
+    """Container settings in docker SDK terms (pure; unit-tested for the security options).
+
+    Keys in HOST_CONFIG_KEYS go into the host config, the others to ``create_container``.
+    """
     import docker.types
 
     s = job.spec
@@ -93,7 +100,6 @@ def container_options(job: Job, cfg: Config, instance: str = "") -> dict[str, An
         "security_opt": ["no-new-privileges"],
         "cap_drop": ["ALL"],
         "privileged": False,
-        "detach": True,
         "stdin_open": False,
         "tty": False,
     }
@@ -231,7 +237,12 @@ class DockerRuntime:
         name = container_name(job)
         try:
             opts = container_options(job, self.cfg, self.instance)
-            cid: str = self.client.containers.create(**opts).id
+            api = self.client.api
+            host = api.create_host_config(**{k: v for k, v in opts.items() if k in HOST_CONFIG_KEYS})
+            args = {k: v for k, v in opts.items() if k not in HOST_CONFIG_KEYS}
+            # The low-level call: the high-level one inspects the new container once more.
+            created = api.create_container(**args, host_config=host, detach=True, use_config_proxy=False)
+            cid: str = created["Id"]
         except docker.errors.ImageNotFound as exc:
             raise RuntimeError_(f"image '{job.spec.image}' not found on this node") from exc
         except docker.errors.APIError as exc:

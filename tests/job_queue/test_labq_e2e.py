@@ -72,7 +72,7 @@ def test_container_security_options(labqd: Labqd, users: dict[str, Any]) -> None
     assert c.attrs["Config"]["User"] == f"{users['bob'].pw_uid}:{users['bob'].pw_gid}"
     assert hc["Privileged"] is False
     assert "no-new-privileges" in hc["SecurityOpt"]
-    assert not hc.get("CapAdd")
+    assert not hc.get("CapAdd") and hc["CapDrop"] == ["ALL"]
     assert hc["NetworkMode"] != "host"
     assert [m["Source"] for m in c.attrs["Mounts"]] == [users["bob"].pw_dir]
     res = labqd.labq("cancel", str(job_id), user="bob")
