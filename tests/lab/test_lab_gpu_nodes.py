@@ -8,6 +8,7 @@ The lab has no GPU and cannot reach Docker's or NVIDIA's repositories: Docker co
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import run_playbook, ssh
@@ -113,8 +114,92 @@ def test_docker_group_is_exactly_the_admin_list(converged, host_exec):
 )
 def test_bad_docker_input_is_refused_before_any_change(converged, host_exec, extra, variable):
     before = daemon_json(host_exec)
-    run = run_playbook("gpu_nodes.yml", "-l", "gpu01", "-e", json.dumps(extra))
+    # The first case runs the whole playbook (the preflight comes before any change); the others
+    # only the preflight, which is all that runs before a refusal anyway.
+    tags = () if variable == "docker_default_address_pools" else ("--tags", "preflight")
+    run = run_playbook("gpu_nodes.yml", "-l", "gpu01", *tags, "-e", json.dumps(extra))
     assert run.rc != 0
     assert variable in run.output, run.output[-3000:]
     assert run.recap()["gpu01"]["changed"] == 0
     assert daemon_json(host_exec) == before
+
+
+# --- nvidia_driver -------------------------------------------------------------------------------------
+
+
+def driver_state(host_exec, host: str = "gpu01") -> str:
+    """What the driver role manages; equal before and after means nothing changed."""
+    return host_exec(
+        host,
+        "sh",
+        "-c",
+        "dpkg-query -W 'nvidia-*' 2>/dev/null; apt-mark showhold; cat /etc/apt/preferences.d/* "
+        "/etc/apt/sources.list.d/* /etc/modprobe.d/* 2>/dev/null | md5sum",
+    ).stdout
+
+
+@pytest.mark.parametrize("host", NODES)
+def test_driver_branch_is_installed_held_and_pinned(converged, host_exec, host):
+    version = host_exec(host, "dpkg-query", "-W", "-f", "${Version}", "nvidia-driver").stdout
+    assert version.startswith("535."), version
+    holds = host_exec(host, "apt-mark", "showhold").stdout.split()
+    assert {"nvidia-driver", "nvidia-smi", "nvidia-persistenced", "firmware-misc-nonfree"} <= set(holds)
+    policy = host_exec(host, "apt-cache", "policy", "nvidia-driver").stdout
+    assert re.search(r"\*\*\* 535\.\S+ 1001", policy), policy
+
+
+def test_apt_refuses_to_change_the_held_driver(converged, host_exec):
+    # What an unattended `apt-get -y` would run into: held packages are not changed without an override.
+    sim = host_exec("gpu01", "apt-get", "-s", "-y", "remove", "nvidia-smi")
+    assert sim.returncode != 0
+    assert "Held packages were changed" in sim.stderr, sim.stdout + sim.stderr
+
+
+def test_nouveau_is_blacklisted_and_no_unit_failed(converged, host_exec):
+    config = host_exec("gpu01", "modprobe", "--showconfig").stdout.splitlines()
+    assert "blacklist nouveau" in config
+    failed = host_exec("gpu01", "systemctl", "list-units", "--state=failed", "--no-legend", "--plain")
+    assert "nvidia" not in failed.stdout, failed.stdout
+
+
+def test_nvidia_smi_runs_and_reports_no_driver_without_a_gpu(converged, host_exec):
+    smi = host_exec("gpu01", "nvidia-smi")
+    assert smi.returncode != 0 and "NVIDIA driver" in smi.stdout, smi.stdout + smi.stderr
+
+
+def test_node_without_gpu_is_skipped_with_a_message(converged, host_exec):
+    before = driver_state(host_exec)
+    run = run_playbook(
+        "gpu_nodes.yml",
+        "-l",
+        "gpu01",
+        "--tags",
+        "nvidia_driver",
+        "-e",
+        '{"nvidia_driver_install_without_gpu": false}',
+    )
+    assert run.rc == 0, run.output[-3000:]
+    assert "skipping the NVIDIA driver" in run.output
+    assert run.recap()["gpu01"]["changed"] == 0
+    assert driver_state(host_exec) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"nvidia_driver_source": "nvidia_cloud"}, "nvidia_driver_source"),
+        ({"nvidia_driver_branch": "latest"}, "nvidia_driver_branch"),
+        ({"nvidia_driver_branch": "535.54"}, "nvidia_driver_branch"),
+        ({"nvidia_driver_branch": 55}, "nvidia_driver_branch"),
+        ({"nvidia_driver_source": "ubuntu"}, "nvidia_driver_source ubuntu needs an Ubuntu host"),
+    ],
+    ids=["unknown-source", "branch-word", "branch-full-version", "branch-two-digits", "ubuntu-on-debian"],
+)
+def test_bad_driver_input_is_refused_before_any_change(converged, host_exec, extra, message):
+    before = driver_state(host_exec)
+    tags = () if extra.get("nvidia_driver_branch") == "535.54" else ("--tags", "preflight")
+    run = run_playbook("gpu_nodes.yml", "-l", "gpu01", *tags, "-e", json.dumps(extra))
+    assert run.rc != 0
+    assert message in run.output, run.output[-3000:]
+    assert run.recap()["gpu01"]["changed"] == 0
+    assert driver_state(host_exec) == before
