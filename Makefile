@@ -38,8 +38,8 @@ venv: $(BIN)/ansible-playbook ## Python tools in .venv (pinned by requirements/c
 lab-image: host venv ## build (or reuse) the lab's Debian 12 systemd node image
 	$(LABCTL) image
 
-lab-infra: lab-image ## the lab network and its caching apt proxy
-	$(LABCTL) infra
+lab-infra: lab-image ## the lab network, its caching apt proxy and its service images
+	$(LABCTL) images
 
 lab-up: lab-infra ## start the lab's hosts and write inventory/lab/hosts.yml
 	$(LABCTL) up

@@ -13,7 +13,7 @@ from typing import Any
 class SlackSink:
     """Records every POSTed JSON body with its path, answers like Slack (200 "ok")."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.received: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         sink = self
 
@@ -29,7 +29,7 @@ class SlackSink:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
