@@ -75,8 +75,9 @@ pytest-docker: host venv ## tests that drive a real Docker engine (labqd, export
 e2e: lab ## end-to-end checks against the converged lab
 	pytest -m lab
 
-molecule: lab-infra ## every role's molecule scenario (converge, idempotence, verify)
-	@for role in $(ROLES_WITH_MOLECULE); do $(MAKE) --no-print-directory molecule-$$role; done
+MOLECULE_JOBS ?= 2
+molecule: lab-infra ## every role's molecule scenario (converge, idempotence, verify), MOLECULE_JOBS at once
+	$(MAKE) --no-print-directory -j$(MOLECULE_JOBS) --output-sync=target $(addprefix molecule-,$(ROLES_WITH_MOLECULE))
 
 molecule-%: lab-infra ## one role's molecule scenario, e.g. make molecule-common
 	proxy=$$($(LABCTL) proxy-url) && cd roles/$* && \
