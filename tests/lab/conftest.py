@@ -38,3 +38,8 @@ def host_exec() -> Callable[..., subprocess.CompletedProcess[str]]:
         return subprocess.run(prefix + list(cmd), capture_output=True, text=True, timeout=120)
 
     return run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop lab hosts run last, so the others see a whole lab."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

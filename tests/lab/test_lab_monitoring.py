@@ -90,6 +90,7 @@ def next_message(slack: SlackSink, status: str, timeout: float) -> dict[str, Any
     pytest.fail(f"no {status} NodeDown message for gpu02 within {timeout:.0f} s")
 
 
+@pytest.mark.disruptive
 def test_a_stopped_host_pages_slack_and_resolves(lab, slack, prometheus):
     subprocess.run(["docker", "stop", "labkit-gpu02"], check=True, capture_output=True)
     try:
