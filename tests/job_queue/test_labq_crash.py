@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Labqd, docker_client
+from labq_helpers import Labqd, docker_client
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Labqd
+from labq_helpers import Labqd
 
 pytestmark = pytest.mark.docker
 
@@ -61,7 +61,7 @@ def test_job_runs_as_user_in_cwd_with_labels_and_env(labqd: Labqd, users: dict[s
 
 
 def test_container_security_options(labqd: Labqd, users: dict[str, Any]) -> None:
-    from conftest import docker_client
+    from labq_helpers import docker_client
 
     job_id = submit(labqd, "bob", "--gpus", "0", "--", "sleep", "30")
     job = labqd.wait_state(job_id, ("running",))
@@ -152,7 +152,7 @@ def test_bad_input_is_refused_and_nothing_queued(labqd: Labqd) -> None:
     import subprocess
     import sys
 
-    from conftest import REPO
+    from labq_helpers import REPO
 
     raw = subprocess.run([sys.executable, "-m", "job_queue.cli", "submit", "--gpus", "0", "--", "echo",
                           b"caf\xff"], cwd=REPO, capture_output=True, text=True,
@@ -167,7 +167,7 @@ def test_sigterm_drains_and_running_containers_survive(labqd: Labqd, users: dict
     job_id = submit(labqd, "alice", "--gpus", "1", "--", "sleep", "3")
     job = labqd.wait_state(job_id, ("running",))
     assert labqd.terminate() == 0
-    from conftest import docker_client
+    from labq_helpers import docker_client
 
     assert docker_client().containers.get(job["container_id"]).status == "running"
     assert not Path(labqd.socket).exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Labqd
+from labq_helpers import Labqd
 
 pytestmark = pytest.mark.docker
 

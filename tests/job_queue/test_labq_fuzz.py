@@ -8,9 +8,9 @@ import socket
 from typing import Any
 
 import pytest
-from conftest import Labqd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from labq_helpers import Labqd
 
 from job_queue.protocol import OPS
 
