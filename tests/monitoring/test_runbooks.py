@@ -53,9 +53,13 @@ def test_runbook_exists_and_says_what_to_do(alert: str) -> None:
 
 
 def test_no_runbook_without_alert() -> None:
+    """Alert runbooks are named like their alert (CamelCase); task runbooks are lower-case-with-hyphens."""
     howtos = {"add-a-dashboard", "add-an-alert"}
     runbooks = {p.stem for p in RUNBOOKS_DIR.glob("*.md")}
-    assert runbooks - howtos == set(ALERTS)
+    alert_runbooks = {name for name in runbooks if name[:1].isupper()}
+    assert alert_runbooks == set(ALERTS)
+    tasks = runbooks - alert_runbooks
+    assert all(name == name.lower() and " " not in name for name in tasks), tasks
     assert howtos <= runbooks
 
 
