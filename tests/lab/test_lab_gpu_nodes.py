@@ -203,3 +203,77 @@ def test_bad_driver_input_is_refused_before_any_change(converged, host_exec, ext
     assert message in run.output, run.output[-3000:]
     assert run.recap()["gpu01"]["changed"] == 0
     assert driver_state(host_exec) == before
+
+
+# --- nvidia_container_toolkit (TEST MODE in the lab: no nvidia-ctk, the runtime entry points at runc) ------
+
+
+def test_toolkit_says_what_it_does_not_do_here(converged):
+    assert "nvidia_container_toolkit_install is false" in converged.output
+    assert "TEST MODE" in converged.output
+
+
+@pytest.mark.parametrize("host", NODES)
+def test_docker_reports_the_nvidia_runtime(converged, host_exec, host):
+    info = json.loads(host_exec(host, "docker", "info", "--format", "{{json .}}").stdout)
+    assert info["Runtimes"]["nvidia"]["path"] == "/usr/bin/runc"
+    assert info["DefaultRuntime"] == "runc"
+    # The docker role's settings survived the toolkit's edit of the same file.
+    assert info["Driver"] == "vfs" and info["LiveRestoreEnabled"] is True
+
+
+def test_container_runs_through_the_nvidia_runtime_entry(converged, host_exec):
+    host_exec(
+        "gpu01",
+        "bash",
+        "-c",
+        "set -o pipefail; cd / && tar -ch $(ldd /bin/dash | grep -o '/[^ ]*') bin/dash 2>/dev/null"
+        f" | docker import - {IMAGE}",
+    )
+    run = host_exec(
+        "gpu01", "docker", "run", "--rm", "--runtime", "nvidia", IMAGE, "/bin/dash", "-c", "echo via-nvidia"
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "via-nvidia", run.stderr
+
+
+def test_docker_role_leaves_nvidia_ctk_formatting_alone(converged, host_exec):
+    # nvidia-ctk writes daemon.json with its own layout; the docker role compares data, not text.
+    reformat = host_exec(
+        "gpu01",
+        "python3",
+        "-c",
+        "import json; p='/etc/docker/daemon.json'; d=json.load(open(p));"
+        " open(p,'w').write(json.dumps(d, indent=4))",
+    )
+    assert reformat.returncode == 0, reformat.stderr
+    before = daemon_json(host_exec)
+    started = host_exec("gpu01", "systemctl", "show", "-p", "ActiveEnterTimestamp", "docker").stdout
+    run = run_playbook("gpu_nodes.yml", "-l", "gpu01", "--tags", "docker,nvidia_container_toolkit")
+    assert run.rc == 0, run.output[-3000:]
+    assert run.recap()["gpu01"]["changed"] == 0, run.output[-3000:]
+    assert daemon_json(host_exec) == before
+    assert host_exec("gpu01", "systemctl", "show", "-p", "ActiveEnterTimestamp", "docker").stdout == started
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"nvidia_container_toolkit_install": True, "nvidia_container_toolkit_test_runtime_entry": True},
+            "nvidia_container_toolkit_test_runtime_entry is a test mode",
+        ),
+        ({"nvidia_container_toolkit_repo_url": "ftp://mirror"}, "nvidia_container_toolkit_repo_url"),
+        (
+            {"nvidia_container_toolkit_default_runtime": "sometimes"},
+            "nvidia_container_toolkit_default_runtime",
+        ),
+    ],
+    ids=["test-mode-with-packages", "bad-repo-url", "bad-bool"],
+)
+def test_bad_toolkit_input_is_refused_before_any_change(converged, host_exec, extra, message):
+    before = daemon_json(host_exec)
+    run = run_playbook("gpu_nodes.yml", "-l", "gpu01", "--tags", "preflight", "-e", json.dumps(extra))
+    assert run.rc != 0
+    assert message in run.output, run.output[-3000:]
+    assert run.recap()["gpu01"]["changed"] == 0
+    assert daemon_json(host_exec) == before
