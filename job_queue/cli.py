@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--array", metavar="A-B[%N]", help="job array, e.g. 0-15%%4")
     s.add_argument("--hold", action="store_true", help="submit held (start after `labq release`)")
     s.add_argument("--host-network", action="store_true", help="use the host network (if policy allows)")
+    s.add_argument("--notify", metavar="EVENTS",
+                   help="tell me on: comma list of started,finished,failed; 'all' or 'none' "
+                        "(default: the node's setting)")
     s.add_argument("--json", action="store_true")
     s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
 
@@ -155,7 +158,22 @@ def _build_request(args: argparse.Namespace) -> dict[str, Any]:
         req["hold"] = True
     if args.host_network:
         req["host_network"] = True
+    if args.notify is not None:
+        req["notify"] = parse_notify_events(args.notify)
     return req
+
+
+def parse_notify_events(text: str) -> list[str]:
+    events = ("started", "finished", "failed")
+    if text == "all":
+        return list(events)
+    if text == "none":
+        return []
+    out = [e.strip() for e in text.split(",") if e.strip()]
+    for e in out:
+        if e not in events:
+            raise CliError(f"notify: unknown event '{e}' (use {','.join(events)}, all or none)", EXIT_USAGE)
+    return list(dict.fromkeys(out))
 
 
 def _print_json(data: Any) -> None:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .notify import NotifyConfig, NotifyConfigError, parse_notify
+
 DEFAULT_CONFIG_PATH = "/etc/labq/config.toml"
 DEFAULT_SOCKET = "/run/labq/labq.sock"
 CONFIG_ENV = "LABQ_CONFIG"
@@ -58,6 +60,8 @@ class Config:
     metrics_address: str = "0.0.0.0"  # noqa: S104 - scraped by the lab's Prometheus server
     foreign_refresh_s: float = 30.0
     """How often NVML is re-read for foreign processes while a GPU is blocked by one."""
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    """The ``[notify]`` table (job notifications; see job_queue/notify.py)."""
 
     @property
     def db_path(self) -> str:
@@ -109,8 +113,15 @@ KNOWN_KEYS = {
     "gpus", "admin_group", "max_gpus_per_user", "mounts", "default_image", "allowed_images",
     "allow_host_network", "state_dir", "socket", "log_dir", "kill_grace", "max_command_bytes",
     "max_request_bytes", "node_cpus", "node_mem_bytes", "foreign_refresh_s", "metrics_port",
-    "metrics_address",
+    "metrics_address", "notify",
 }
+
+
+def _notify(data: dict[str, Any]) -> NotifyConfig:
+    try:
+        return parse_notify(data.get("notify", {}))
+    except NotifyConfigError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def parse_config(data: dict[str, Any]) -> Config:
@@ -151,6 +162,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         foreign_refresh_s=float(_get(data, "foreign_refresh_s", (int, float), 30.0)),
         metrics_port=_get(data, "metrics_port", int, 9848),
         metrics_address=_get(data, "metrics_address", str, Config.metrics_address),
+        notify=_notify(data),
     )
     if not 0 <= cfg.metrics_port <= 65535:
         raise ConfigError("config: 'metrics_port' must be a port number (0 disables metrics)")

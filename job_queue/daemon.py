@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,10 +29,11 @@ from .config import Config, ConfigError, load_config
 from .gpus import GpuInfo, Inventory, make_inventory
 from .metrics import Metrics
 from .models import Job, JobState, StopReason
+from .notify import Notifier, NotifyConfigError, load_secrets
 from .reaper import Reaper
 from .runtime import ContainerEvent, ContainerInfo, DockerRuntime, Runtime, RuntimeError_
 from .scheduler import Policy, schedule
-from .service import Service
+from .service import Service, log_path
 from .store import SqliteStore
 
 log = logging.getLogger("labqd")
@@ -62,6 +65,9 @@ class Daemon:
                              node_mem=cfg.effective_mem())
         self.api: ApiServer | None = None
         self.metrics = Metrics(self.store.active_jobs, self.gpu_report)
+        self.notifier = Notifier(cfg.notify, self.store.get, socket.gethostname(), self.wait_log,
+                                 lambda job_id: log_path(cfg, job_id), self.metrics.notification)
+        self.notifier.start()
 
     # ------------------------------------------------------------ Backend for the service
     def wake(self) -> None:
@@ -158,6 +164,7 @@ class Daemon:
         if self.api is not None:
             self.api.close()
         self.reaper.shutdown()
+        self.notifier.stop()
         self._stoppers.shutdown(wait=False, cancel_futures=True)
         if self._starters is not None:
             # Starts already recorded finish or are resumed by the next labqd (reconcile).
@@ -262,8 +269,9 @@ class Daemon:
 
     def _on_started(self, job_id: int, cid: str | None, err: str | None) -> None:
         if err is not None:
-            self.store.transition(job_id, [JobState.STARTING], state=JobState.FAILED, reason=err,
-                                  end_time=self.clock())
+            if self.store.transition(job_id, [JobState.STARTING], state=JobState.FAILED, reason=err,
+                                     end_time=self.clock()):
+                self._notify(job_id)
             return
         if cid is None:
             return
@@ -275,6 +283,8 @@ class Daemon:
         job = self.store.get(job_id)
         assert job is not None
         self.reaper.follow(job, cid)
+        if self.notifier.cfg.enabled:
+            self.notifier.job_changed(job)
         if job.stop_reason is not None:
             self.request_stop(job_id)
 
@@ -321,6 +331,7 @@ class Daemon:
             if job.state.active:
                 self.store.update(job_id, state=JobState.FAILED, end_time=self.clock(),
                                   reason="container disappeared")
+                self._notify(job_id)
             return
         if not info.finished:
             if info.status == "running" and job.state.active:
@@ -350,6 +361,15 @@ class Daemon:
                           end_time=info.finished_at or self.clock(),
                           start_time=info.started_at or job.start_time, container_id=cid)
         self.reaper.finish(job, cid)
+        self._notify(job_id)
+
+    def _notify(self, job_id: int) -> None:
+        """Hand a job's new state to the notifier (queued; sending never blocks the main loop)."""
+        if not self.notifier.cfg.enabled:
+            return
+        job = self.store.get(job_id)
+        if job is not None:
+            self.notifier.job_changed(job)
 
     def reconcile(self) -> None:
         """Match the store against labq-labelled containers after a (re)start or lost event stream."""
@@ -408,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
+        print(f"labqd: {exc}", file=sys.stderr)
+        return 2
+    try:
+        cfg = dataclasses.replace(cfg, notify=load_secrets(cfg.notify))
+    except NotifyConfigError as exc:
         print(f"labqd: {exc}", file=sys.stderr)
         return 2
     os.umask(0o022)

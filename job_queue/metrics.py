@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -58,6 +59,12 @@ class Metrics:
         self.registry.register(QueueCollector(jobs, gpus))
         self.wait = Histogram("labq_job_wait_seconds", "Time from submission to start of a job.",
                               buckets=WAIT_BUCKETS, registry=self.registry)
+        self.notifications = PromCounter(
+            "labq_notifications", "Job notifications by channel and outcome (sent, error, dropped).",
+            ["channel", "outcome"], registry=self.registry)
+
+    def notification(self, channel: str, outcome: str) -> None:
+        self.notifications.labels(channel, outcome).inc()
 
     def job_started(self, job: Job, now: float) -> None:
         self.wait.observe(max(0.0, now - job.submit_time))

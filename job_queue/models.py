@@ -63,6 +63,8 @@ class JobSpec:
     array_index: int | None = None
     array_cap: int | None = None
     held: bool = False
+    notify: list[str] | None = None
+    """Events to notify the owner of (``--notify``); None: the node's default."""
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Job:
             "env": s.env,
             "cwd": s.cwd,
             "host_network": s.host_network,
+            "notify": s.notify,
             "submit_time": self.submit_time,
             "start_time": self.start_time,
             "end_time": self.end_time,

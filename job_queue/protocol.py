@@ -167,6 +167,20 @@ def v_mounts(field: str, value: Any) -> list[str]:
     return names
 
 
+NOTIFY_EVENTS = ("started", "finished", "failed")
+
+
+def v_notify(field: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise invalid(f"{field}: must be a list of events ({', '.join(NOTIFY_EVENTS)})")
+    for v in value:
+        if v not in NOTIFY_EVENTS:
+            raise invalid(f"{field}: unknown event '{v[:40]}' (use {', '.join(NOTIFY_EVENTS)})")
+    if len(set(value)) != len(value):
+        raise invalid(f"{field}: event listed twice")
+    return list(value)
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     first: int
@@ -222,6 +236,7 @@ OPS: dict[str, dict[str, tuple[Validator, bool, Any]]] = {
         "array": (v_opt(v_array), False, None),
         "host_network": (v_bool, False, False),
         "hold": (v_bool, False, False),
+        "notify": (v_opt(v_notify), False, None),
     },
     "ls": {
         "user": (v_opt(v_str(64, _USER_RE, "user name")), False, None),

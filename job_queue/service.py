@@ -88,7 +88,8 @@ class Service:
     def op_submit(self, caller: Caller, *, command: list[str], cwd: str, gpus: int, image: str | None,
                   name: str | None, time_limit: int | None, cpus: float | None, mem: int | None,
                   env: dict[str, str], mounts: list[str], after: int | None, priority: int,
-                  array: str | None, host_network: bool, hold: bool) -> dict[str, Any]:
+                  array: str | None, host_network: bool, hold: bool,
+                  notify: list[str] | None = None) -> dict[str, Any]:
         cfg = self.cfg
         size = sum(len(a.encode()) + 1 for a in command)
         if size > cfg.max_command_bytes:
@@ -129,6 +130,7 @@ class Service:
             cwd=working_dir(caller.home, cwd), image=img, command=command, gpus=gpus,
             name=name or _default_name(command), time_limit=time_limit, cpus=cpus, mem=mem, env=env,
             mounts=mounts, after=after, priority=priority, host_network=host_network, held=hold,
+            notify=notify,
         )
         specs = [base]
         if array is not None:
