@@ -108,3 +108,39 @@ def test_optuna_study_with_four_gpu_workers(make_labqd: Any, users: dict[str, An
     # Files the workers wrote belong to alice.
     assert journal.stat().st_uid == alice.pw_uid
     shutil.rmtree(work, ignore_errors=True)
+
+
+def test_grid_sweep_runs_each_point_once(make_labqd: Any, users: dict[str, Any], node_image: str) -> None:
+    alice = users["alice"]
+    work = Path(alice.pw_dir) / f"grid-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "out").mkdir(parents=True)
+    shutil.copy(REPO / "docs" / "examples" / "grid_sweep.py", work / "grid_sweep.py")
+    for p in (work, work / "out", work / "grid_sweep.py"):
+        os.chown(p, alice.pw_uid, alice.pw_gid)
+    matrix = '{"lr": [0.1, 0.01, 0.001], "batch": [32, 64]}'
+    count = subprocess.run([sys.executable, str(work / "grid_sweep.py"), "--matrix", matrix, "--count"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert count == "6"
+    d: Labqd = make_labqd()
+    d.start()
+    # The "training" writes the arguments it got to out/<index>.
+    train = 'echo "$@" > out/$LABQ_ARRAY_INDEX'
+    res = d.labq("submit", "--json", "--array", "0-5%2", "--gpus", "1", "--image", node_image,
+                 "--name", "grid", "--", "python3", "grid_sweep.py", "--matrix", matrix, "--",
+                 "sh", "-c", train, "train", user="alice", cwd=str(work))
+    assert res.returncode == 0, res.stderr
+    ids: list[int] = json.loads(res.stdout)["ids"]
+    jobs = [d.wait_state(i, ("succeeded", "failed"), timeout=120) for i in ids]
+    assert [j["state"] for j in jobs] == ["succeeded"] * 6, [j["reason"] for j in jobs]
+    got = {int(p.name): p.read_text().split() for p in (work / "out").iterdir()}
+    assert got == {
+        0: ["--lr", "0.1", "--batch", "32"], 1: ["--lr", "0.1", "--batch", "64"],
+        2: ["--lr", "0.01", "--batch", "32"], 3: ["--lr", "0.01", "--batch", "64"],
+        4: ["--lr", "0.001", "--batch", "32"], 5: ["--lr", "0.001", "--batch", "64"],
+    }
+    # %2: never more than two tasks at once.
+    for j in jobs:
+        overlapping = [k for k in jobs if k["start_time"] < j["end_time"] and k["end_time"] > j["start_time"]]
+        assert len(overlapping) <= 2
+    shutil.rmtree(work, ignore_errors=True)
