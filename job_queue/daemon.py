@@ -209,6 +209,10 @@ class Daemon:
             log.exception("NVML read failed; keeping the previous inventory")
 
     def schedule_pass(self) -> None:
+        with self.metrics.schedule_pass.time():
+            self._schedule_pass()
+
+    def _schedule_pass(self) -> None:
         for _ in range(100):  # a cancellation can make dependants fail in turn
             jobs = self.store.active_jobs()
             self._refresh_gpus(jobs)
@@ -364,11 +368,13 @@ class Daemon:
         self._notify(job_id)
 
     def _notify(self, job_id: int) -> None:
-        """Hand a job's new state to the notifier (queued; sending never blocks the main loop)."""
-        if not self.notifier.cfg.enabled:
-            return
+        """A job's container ended (or never started): count its outcome and hand it to the notifier
+        (queued; sending never blocks the main loop)."""
         job = self.store.get(job_id)
-        if job is not None:
+        if job is None:
+            return
+        self.metrics.job_finished(job)
+        if self.notifier.cfg.enabled:
             self.notifier.job_changed(job)
 
     def reconcile(self) -> None:

@@ -18,6 +18,17 @@ from prometheus_client.registry import Collector
 from .models import Job, JobState
 
 WAIT_BUCKETS = (60.0, 600.0, 3600.0, float("inf"))
+PASS_BUCKETS = (0.001, 0.005, 0.02, 0.1, 0.5, 2.0, float("inf"))
+
+
+def outcome(job: Job) -> str:
+    """Exit class of a job that ended: succeeded, failed, oom, signal, timeout, cancelled."""
+    if job.state == JobState.FAILED:
+        if job.oom_killed:
+            return "oom"
+        if job.exit_code is not None and 128 < job.exit_code < 160:
+            return "signal"
+    return job.state.value
 
 
 class QueueCollector(Collector):
@@ -46,6 +57,10 @@ class QueueCollector(Collector):
             by_state[state] += 1
             if g["state"] == "job":
                 allocated.add_metric([str(g["index"]), g["id"], g["user"], str(g["job"])], 1)
+        foreign = GaugeMetricFamily("labq_foreign_gpu_processes",
+                                    "Processes outside labq using the node's GPUs (from NVML).")
+        foreign.add_metric([], sum(len(g.get("foreign") or []) for g in report))
+        yield foreign
         gpus = GaugeMetricFamily("labq_gpus", "GPUs by state (free, allocated, foreign).", labels=["state"])
         for state, n in by_state.items():
             gpus.add_metric([state], n)
@@ -63,8 +78,18 @@ class Metrics:
             "labq_notifications", "Job notifications by channel and outcome (sent, error, dropped).",
             ["channel", "outcome"], registry=self.registry)
 
-    def notification(self, channel: str, outcome: str) -> None:
-        self.notifications.labels(channel, outcome).inc()
+        self.finished = PromCounter("labq_jobs_finished", "Jobs whose container ended, by user and outcome "
+                                    "(succeeded, failed, oom, signal, timeout, cancelled).",
+                                    ["user", "outcome"], registry=self.registry)
+        self.schedule_pass = Histogram("labq_schedule_pass_seconds", "Duration of one scheduler pass.",
+                                       buckets=PASS_BUCKETS, registry=self.registry)
+
+    def notification(self, channel: str, result: str) -> None:
+        self.notifications.labels(channel, result).inc()
+
+    def job_finished(self, job: Job) -> None:
+        if job.state.final:
+            self.finished.labels(job.user, outcome(job)).inc()
 
     def job_started(self, job: Job, now: float) -> None:
         self.wait.observe(max(0.0, now - job.submit_time))

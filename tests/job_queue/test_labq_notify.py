@@ -322,3 +322,30 @@ def test_outage_never_blocks_the_queue_and_is_counted(make_labqd: Any, tmp_path:
         assert d.labq("ls").returncode == 0  # still answering
     finally:
         hang.close()
+
+
+@docker_only
+def test_outcomes_scheduler_passes_and_foreign_processes_are_exported(make_labqd: Any) -> None:
+    """The metrics the notifications sit beside: outcomes by exit class, scheduler pass duration."""
+    port = free_port()
+    d = make_labqd(metrics_port=port)
+    d.start()
+    ok = submit(d, "--gpus", "1", "--", "true")
+    bad = submit(d, "--gpus", "1", "--", "sh", "-c", "exit 3")
+    sig = submit(d, "--gpus", "1", "--", "sh", "-c", "sleep 30 & kill -9 $!; wait $!")
+    assert d.wait_state(ok, ("succeeded",))
+    assert d.wait_state(bad, ("failed",))["exit_code"] == 3
+    assert d.wait_state(sig, ("failed",))["exit_code"] == 137
+
+    def sample(name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.split(" ")[0] == name:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    wait_for(lambda: sample('labq_jobs_finished_total{outcome="signal",user="alice"}') == 1, timeout=30)
+    assert sample('labq_jobs_finished_total{outcome="succeeded",user="alice"}') == 1
+    assert sample('labq_jobs_finished_total{outcome="failed",user="alice"}') == 1
+    assert sample("labq_schedule_pass_seconds_count") >= 3
+    assert sample("labq_foreign_gpu_processes") == 0
