@@ -277,3 +277,33 @@ def test_bad_toolkit_input_is_refused_before_any_change(converged, host_exec, ex
     assert message in run.output, run.output[-3000:]
     assert run.recap()["gpu01"]["changed"] == 0
     assert daemon_json(host_exec) == before
+
+
+# --- dcgm_exporter (no GPU in the lab: skipped with a message) -----------------------------------------
+
+
+def test_exporter_is_skipped_with_a_message_without_a_gpu(converged, host_exec):
+    assert "skipping the GPU exporter" in converged.output
+    unit = host_exec("gpu01", "systemctl", "cat", "dcgm-exporter")
+    assert unit.returncode != 0, unit.stdout
+    listening = host_exec("gpu01", "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9400")
+    assert listening.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"dcgm_exporter_tag": "latest"}, "dcgm_exporter_tag"),
+        ({"dcgm_exporter_backend": "nvml"}, "dcgm_exporter_backend"),
+        (
+            {"dcgm_exporter_counters_extra": [{"name": "GPU_TEMP", "type": "gauge"}]},
+            "dcgm_exporter_counters_extra",
+        ),
+    ],
+    ids=["unpinned-image", "unknown-backend", "bad-counter"],
+)
+def test_bad_exporter_input_is_refused(converged, extra, message):
+    run = run_playbook("gpu_nodes.yml", "-l", "gpu01", "--tags", "preflight", "-e", json.dumps(extra))
+    assert run.rc != 0
+    assert message in run.output, run.output[-3000:]
+    assert run.recap()["gpu01"]["changed"] == 0
