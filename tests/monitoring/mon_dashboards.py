@@ -28,7 +28,7 @@ _VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 SOURCE_METRICS = {
     re.compile(r"\bDCGM_FI_\w+"): "dcgm",
     re.compile(r"\blabq_(?!job\b)\w+"): "labq",
-    re.compile(r"\blabkit_gpu_user_\w+"): "gpu_users",
+    re.compile(r"\blabkit_gpu_\w+"): "gpu_users",
 }
 
 
