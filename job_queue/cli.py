@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="daemon socket (default: $LABQ_SOCKET, the config's socket, "
                                     "/run/labq/labq.sock)")
     p.add_argument("--config", help="config file to read the socket path from")
+    p.add_argument("--host", help="run this command on another node's labq, over ssh")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     s = sub.add_parser("submit", help="queue a container run and print its job id",
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list pending and running jobs")
     ls.add_argument("--user", "-u")
+    ls.add_argument("--all-nodes", action="store_true",
+                    help="list the jobs of every node ($LABQ_NODES or cluster_nodes in the config), over ssh")
     ls.add_argument("--json", action="store_true")
     show = sub.add_parser("show", help="show one job")
     show.add_argument("id", type=int)
@@ -88,7 +91,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(raw)
+    if args.host:
+        from .remote import run_on, strip_host
+
+        return run_on(args.host, strip_host(raw)[1])
     try:
         return _run(args)
     except CliError as exc:
@@ -102,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .client import Client, DaemonUnreachable, RequestFailed, socket_path
+
+    if args.cmd == "ls" and args.all_nodes:
+        import os
+
+        from .remote import cluster_nodes, ls_all_nodes
+
+        nodes = cluster_nodes(args.config or os.environ.get("LABQ_CONFIG") or "/etc/labq/config.toml")
+        if not nodes:
+            raise CliError("all-nodes: no nodes known (set LABQ_NODES or cluster_nodes in the config)",
+                           EXIT_USAGE)
+        return ls_all_nodes(nodes, args.user, args.json)
 
     path = socket_path(args.socket, args.config)
     try:

@@ -113,7 +113,7 @@ KNOWN_KEYS = {
     "gpus", "admin_group", "max_gpus_per_user", "mounts", "default_image", "allowed_images",
     "allow_host_network", "state_dir", "socket", "log_dir", "kill_grace", "max_command_bytes",
     "max_request_bytes", "node_cpus", "node_mem_bytes", "foreign_refresh_s", "metrics_port",
-    "metrics_address", "notify",
+    "metrics_address", "notify", "cluster_nodes",
 }
 
 
@@ -140,6 +140,9 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise ConfigError("config: 'gpus' must be \"nvml\" or a list of fake GPU ids")
     raw_mounts = _get(data, "mounts", dict, {})
     mounts = {name: _parse_mount(name, spec) for name, spec in raw_mounts.items()}
+    nodes = _get(data, "cluster_nodes", list, [])
+    if not all(isinstance(n, str) and n for n in nodes):
+        raise ConfigError("config: 'cluster_nodes' must be a list of host names")
     allowed = _get(data, "allowed_images", list, [])
     if not all(isinstance(a, str) for a in allowed):
         raise ConfigError("config: 'allowed_images' must be a list of strings")
