@@ -26,6 +26,14 @@ class PlaybookRun:
     rc: int
     output: str
 
+    def assert_changed_nothing(self, hosts: set[str] | tuple[str, ...]) -> None:
+        """A second run: it succeeded on exactly these hosts and changed nothing."""
+        recap = self.recap()
+        assert set(recap) == set(hosts), recap
+        for host, counts in recap.items():
+            assert counts["changed"] == 0, f"{host} changed on a second run:\n{self.output[-4000:]}"
+            assert counts["failed"] == 0, f"{host} failed:\n{self.output[-4000:]}"
+
     def recap(self) -> dict[str, dict[str, int]]:
         return {
             m["host"]: {k: int(m[k]) for k in ("ok", "changed", "unreachable", "failed")}

@@ -11,7 +11,7 @@ import json
 import re
 
 import pytest
-from conftest import run_playbook, ssh
+from lab_helpers import run_playbook, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -34,11 +34,7 @@ def converged(lab):
 
 
 def test_second_run_changes_nothing(converged):
-    recap = converged.recap()
-    assert set(recap) == set(NODES)
-    for host, counts in recap.items():
-        assert counts["changed"] == 0, f"{host} changed on a second run:\n{converged.output[-4000:]}"
-        assert counts["failed"] == 0
+    converged.assert_changed_nothing(NODES)
 
 
 @pytest.mark.parametrize("host", NODES)
