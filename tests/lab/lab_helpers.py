@@ -41,6 +41,15 @@ class PlaybookRun:
         }
 
 
+def converge_twice(playbook: str) -> PlaybookRun:
+    """Run a playbook on the lab twice; both runs must succeed. Returns the second (check its recap)."""
+    first = run_playbook(playbook)
+    assert first.rc == 0, first.output[-4000:]
+    second = run_playbook(playbook)
+    assert second.rc == 0, second.output[-4000:]
+    return second
+
+
 def run_playbook(playbook: str, *args: str, inventory: Path = LAB_INVENTORY) -> PlaybookRun:
     env = dict(
         os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"

@@ -11,7 +11,7 @@ import json
 import re
 
 import pytest
-from lab_helpers import run_playbook, ssh
+from lab_helpers import converge_twice, run_playbook, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -26,11 +26,7 @@ def daemon_json(host_exec, host: str = "gpu01") -> str:
 @pytest.fixture(scope="module")
 def converged(lab):
     """gpu_nodes.yml converges the GPU nodes; a second run changes nothing."""
-    first = run_playbook("gpu_nodes.yml")
-    assert first.rc == 0, first.output[-4000:]
-    second = run_playbook("gpu_nodes.yml")
-    assert second.rc == 0, second.output[-4000:]
-    return second
+    return converge_twice("gpu_nodes.yml")
 
 
 def test_second_run_changes_nothing(converged):
