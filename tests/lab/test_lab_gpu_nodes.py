@@ -11,7 +11,7 @@ import json
 import re
 
 import pytest
-from lab_helpers import converge_twice, run_playbook, ssh
+from lab_helpers import converge_again, run_playbook, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -25,8 +25,8 @@ def daemon_json(host_exec, host: str = "gpu01") -> str:
 
 @pytest.fixture(scope="module")
 def converged(lab):
-    """gpu_nodes.yml converges the GPU nodes; a second run changes nothing."""
-    return converge_twice("gpu_nodes.yml")
+    """gpu_nodes.yml on the lab `make lab` converged: a second run, which must change nothing."""
+    return converge_again("gpu_nodes.yml")
 
 
 def test_second_run_changes_nothing(converged):

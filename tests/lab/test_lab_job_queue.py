@@ -13,7 +13,7 @@ import time
 import uuid
 
 import pytest
-from conftest import run_playbook, ssh
+from lab_helpers import converge_again, run_playbook, ssh
 from test_lab_mail import arrived, sink
 
 __all__ = ["sink"]  # the test smarthost fixture of test_lab_mail.py, used here too
@@ -37,11 +37,7 @@ rm -rf "$root"
 @pytest.fixture(scope="module")
 def converged(lab):
     """job_queue.yml converges the GPU nodes; a second run changes nothing."""
-    first = run_playbook("job_queue.yml")
-    assert first.rc == 0, first.output[-4000:]
-    second = run_playbook("job_queue.yml")
-    assert second.rc == 0, second.output[-4000:]
-    return second
+    return converge_again("job_queue.yml")
 
 
 @pytest.fixture(scope="module")
