@@ -9,7 +9,6 @@ Prints, measured in one run:
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -19,14 +18,15 @@ import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "job_queue")]
+
+from labq_helpers import import_busybox_image  # noqa: E402
 
 from job_queue.models import JobSpec, JobState  # noqa: E402
 from job_queue.store import SqliteStore  # noqa: E402
@@ -40,23 +40,7 @@ N_QUEUED = 10_000
 def ensure_image() -> None:
     if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode == 0:
         return
-    busybox = shutil.which("busybox") or "/bin/busybox"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for d in ("bin", "tmp"):
-            info = tarfile.TarInfo(d)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o1777 if d == "tmp" else 0o755
-            tar.addfile(info)
-        tar.add(busybox, arcname="bin/busybox")
-        for applet in ("sh", "true", "sleep"):
-            info = tarfile.TarInfo(f"bin/{applet}")
-            info.type = tarfile.SYMTYPE
-            info.linkname = "busybox"
-            tar.addfile(info)
-    subprocess.run(["docker", "import", "-c", "ENV PATH=/bin", "-", IMAGE], input=buf.getvalue(),
-                   check=True, capture_output=True)
-
+    import_busybox_image(IMAGE, ("sh", "true", "sleep"))
 
 class Daemon:
     def __init__(self, root: Path) -> None:

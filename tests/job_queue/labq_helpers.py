@@ -50,6 +50,26 @@ def _docker_ok() -> bool:
     return True
 
 
+def import_busybox_image(tag: str, applets: tuple[str, ...], extra_dirs: tuple[str, ...] = ()) -> None:
+    """`docker import` an image of the host's static busybox with these applets (no registry needed)."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for d in ("bin", "tmp", *extra_dirs):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o1777 if d == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add(busybox, arcname="bin/busybox")
+        for applet in applets:
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "busybox"
+            tar.addfile(info)
+    subprocess.run(["docker", "import", "-c", "ENV PATH=/bin", "-", tag], input=buf.getvalue(),
+                   check=True, capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def test_image() -> str:
     """Build (once per machine) a busybox-only image from the host's static busybox."""
@@ -59,24 +79,9 @@ def test_image() -> str:
     with contextlib.suppress(docker.errors.ImageNotFound):
         client.images.get(TEST_IMAGE)
         return TEST_IMAGE
-    busybox = shutil.which("busybox") or "/bin/busybox"
-    if not Path(busybox).exists():
+    if not Path(shutil.which("busybox") or "/bin/busybox").exists():
         pytest.fail("busybox-static is needed to build the test image (apt-get install busybox-static)")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for d in ("bin", "tmp", "etc"):
-            info = tarfile.TarInfo(d)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o1777 if d == "tmp" else 0o755
-            tar.addfile(info)
-        tar.add(busybox, arcname="bin/busybox")
-        for applet in APPLETS:
-            info = tarfile.TarInfo(f"bin/{applet}")
-            info.type = tarfile.SYMTYPE
-            info.linkname = "busybox"
-            tar.addfile(info)
-    subprocess.run(["docker", "import", "-c", "ENV PATH=/bin", "-", TEST_IMAGE], input=buf.getvalue(),
-                   check=True, capture_output=True)
+    import_busybox_image(TEST_IMAGE, APPLETS, extra_dirs=("etc",))
     return TEST_IMAGE
 
 
