@@ -18,7 +18,7 @@ from labkit_exporters.gpu_users import (
     ProcFs,
     build_registry,
 )
-from mon_fake_nvml import FakeNvml
+from mon_fake_nvml import FakeNvml, write_proc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,15 +46,6 @@ class FakeContainers:
 
     def retain(self, container_ids: Iterable[str]) -> None:
         self.retained.append(set(container_ids))
-
-
-def write_proc(root: Path, pid: int, cgroup: str, uid: int) -> None:
-    d = root / str(pid)
-    d.mkdir(parents=True)
-    (d / "cgroup").write_text(cgroup)
-    (d / "status").write_text(
-        f"Name:\tpython\nState:\tS (sleeping)\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t0\n"
-    )
 
 
 @pytest.fixture
