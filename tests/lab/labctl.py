@@ -402,10 +402,9 @@ def write_inventory(hosts: list[LabHost]) -> Path:
 
 def up() -> None:
     image = build_image()
-    client = docker_client()
-    ensure_network(client)
-    ensure_proxy()
+    infra()
     build_service_images()
+    client = docker_client()
     hosts = lab_hosts()
     containers = [start_host(client, h, image) for h in hosts]
     for container in containers:
