@@ -1,7 +1,10 @@
 """Docker backend (docker SDK): build, create, start, adopt, stop and remove job containers; events.
 
-All containers carry the labels ``labq.job`` and ``labq.user`` and are named ``labq-<id>-<user>``.
-Docker refuses a second container with the same name, which is what makes starts exactly-once.
+All containers carry the labels ``labq.job``, ``labq.user`` and ``labq.instance`` and are named
+``labq-<id>-<user>``, or ``labq-<id>-<user>-<instance>`` when that name belongs to another queue's container
+(one left over from a queue database that was reset, or a second labqd on the same engine). Docker refuses
+a second container with the same name, which is what makes starts exactly-once: both names are fixed for a
+job, and a restarted labqd re-adopts its containers by label before it starts anything again.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ class RuntimeError_(Exception):
     """A Docker operation for a job failed (message is shown to the user)."""
 
 
-def container_name(job: Job) -> str:
-    return f"labq-{job.id}-{job.spec.user}"
+def container_name(job: Job, instance: str = "") -> str:
+    """The job's container name; with ``instance``: the name used when the short one is taken."""
+    base = f"labq-{job.id}-{job.spec.user}"
+    return f"{base}-{instance[:8]}" if instance else base
 
 
 def working_dir(home: str, cwd: str) -> str:
@@ -234,31 +239,42 @@ class DockerRuntime:
         """Create and start the job's container; never creates a second one for the same job."""
         import docker.errors
 
-        name = container_name(job)
+        names = (container_name(job), container_name(job, self.instance))
+        for name in names:
+            cid, started = self._create_or_adopt(job, name)
+            if cid is None:
+                log.warning("job %d: container name %s is another queue's; trying the next", job.id, name)
+                continue
+            if started:
+                return cid  # already started once: adopt, never start again
+            try:
+                self.client.api.start(cid)
+            except docker.errors.APIError as exc:
+                raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
+            return cid
+        raise RuntimeError_(f"container names {' and '.join(names)} are taken by another queue's containers")
+
+    def _create_or_adopt(self, job: Job, name: str) -> tuple[str | None, bool]:
+        """(container id, already started) of the job's container ``name``; (None, False): not ours."""
+        import docker.errors
+
         try:
-            opts = container_options(job, self.cfg, self.instance)
+            opts = container_options(job, self.cfg, self.instance) | {"name": name}
             api = self.client.api
             host = api.create_host_config(**{k: v for k, v in opts.items() if k in HOST_CONFIG_KEYS})
             args = {k: v for k, v in opts.items() if k not in HOST_CONFIG_KEYS}
             # The low-level call: the high-level one inspects the new container once more.
             created = api.create_container(**args, host_config=host, detach=True, use_config_proxy=False)
-            cid: str = created["Id"]
+            return str(created["Id"]), False
         except docker.errors.ImageNotFound as exc:
             raise RuntimeError_(f"image '{job.spec.image}' not found on this node") from exc
         except docker.errors.APIError as exc:
             if exc.status_code != 409:
                 raise RuntimeError_(f"docker create failed: {exc.explanation or exc}") from exc
-            existing = self.inspect(name)
-            if existing is None or existing.job_id != job.id or existing.instance != self.instance:
-                raise RuntimeError_(f"container name {name} is taken by something else") from exc
-            cid = existing.id
-            if existing.status != "created":
-                return cid  # already started once: adopt, never start again
-        try:
-            self.client.api.start(cid)
-        except docker.errors.APIError as exc:
-            raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
-        return cid
+        existing = self.inspect(name)
+        if existing is None or existing.job_id != job.id or existing.instance != self.instance:
+            return None, False
+        return existing.id, existing.status != "created"
 
     def start_created(self, cid: str) -> None:
         self.client.api.start(cid)

@@ -80,6 +80,25 @@ def test_container_security_options(labqd: Labqd, users: dict[str, Any]) -> None
     assert labqd.wait_state(job_id, ("cancelled",))["state"] == "cancelled"
 
 
+def test_two_queues_on_one_engine_do_not_take_each_others_names(make_labqd: Any) -> None:
+    """A second queue (or a reset queue database) numbers jobs from 1 again: its container gets a
+    longer name instead of failing, and the other queue's container is left alone."""
+    from labq_helpers import docker_client
+
+    first, second = make_labqd(), make_labqd()
+    ids = [submit(d, "alice", "--gpus", "0", "--", "sleep", "30") for d in (first, second)]
+    assert ids[0] == ids[1]  # both fresh queues: the same job id, the same short name
+    jobs = [d.wait_state(i, ("running",)) for d, i in zip((first, second), ids, strict=True)]
+    containers = [docker_client().containers.get(j["container_id"]) for j in jobs]
+    instances = [c.labels["labq.instance"] for c in containers]
+    assert instances[0] != instances[1]
+    assert containers[0].name == f"labq-{ids[0]}-alice"
+    assert containers[1].name == f"labq-{ids[1]}-alice-{instances[1][:8]}"
+    for d, job_id in zip((first, second), ids, strict=True):
+        assert d.labq("cancel", str(job_id)).returncode == 0
+        assert d.wait_state(job_id, ("cancelled",))["state"] == "cancelled"
+
+
 def test_bob_cannot_cancel_alices_job(labqd: Labqd) -> None:
     job_id = submit(labqd, "alice", "--gpus", "1", "--", "sleep", "30")
     labqd.wait_state(job_id, ("running",))
