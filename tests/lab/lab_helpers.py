@@ -65,9 +65,14 @@ def run_playbook(playbook: str, *args: str, inventory: Path = LAB_INVENTORY) -> 
 
 
 def ssh(
-    address: str, user: str, *cmd: str, key: Path = ADMIN_KEY, extra: tuple[str, ...] = ()
+    address: str,
+    user: str,
+    *cmd: str,
+    key: Path = ADMIN_KEY,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """A real SSH login from this machine to a lab host."""
+    """A real SSH login from this machine to a lab host (``env``: e.g. an ssh-agent's SSH_AUTH_SOCK)."""
     return subprocess.run(
         [
             "ssh",
@@ -90,4 +95,5 @@ def ssh(
         capture_output=True,
         text=True,
         timeout=60,
+        env=None if env is None else {**os.environ, **env},
     )

@@ -8,12 +8,15 @@ alice (in lab-admins) and bob log in over SSH with the lab's test key and use `l
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
+import subprocess
 import time
 import uuid
 
 import pytest
-from lab_helpers import converge_again, run_playbook, ssh
+from lab_helpers import ADMIN_KEY, converge_again, run_playbook, ssh
 from test_lab_mail import arrived, sink
 
 __all__ = ["sink"]  # the test smarthost fixture of test_lab_mail.py, used here too
@@ -130,6 +133,52 @@ def test_metrics_are_scraped_from_the_lab_network(lab, image, host_exec):
     )
     assert out.returncode == 0, out.stderr
     assert 'labq_gpus{state="free"}' in out.stdout
+
+
+@pytest.fixture(scope="module")
+def agent():
+    """An ssh-agent on this machine holding the members' test key; logins forward it (ssh -A), as a
+    student's laptop does, so labq on the login node reaches other nodes with the student's own key."""
+    out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    env = dict(re.findall(r"(SSH_AUTH_SOCK|SSH_AGENT_PID)=([^;]+);", out))
+    try:
+        subprocess.run(["ssh-add", "-q", str(ADMIN_KEY)], env={**os.environ, **env}, check=True,
+                       capture_output=True)
+        yield env
+    finally:
+        subprocess.run(["ssh-agent", "-k"], env={**os.environ, **env}, capture_output=True, check=False)
+
+
+def labq_via(lab, agent, node: str, user: str, *args: str):
+    """`labq ARGS` typed by USER logged in on NODE with her agent forwarded."""
+    return ssh(lab[node]["address"], user, shlex.join(["labq", *args]), extra=("-A",), env=agent)
+
+
+def test_labq_host_reaches_another_nodes_queue_over_the_labs_ssh(lab, image, agent):
+    """From gpu01, alice queues on gpu02 with `labq --host gpu02` over real SSH (LDAP account, key from
+    LDAP via sss_ssh_authorizedkeys): gpu02's labqd sees alice, and bob cannot cancel her job from there."""
+    sub = labq_via(lab, agent, "gpu01", "alice", "--host", "gpu02", *HELD_JOB)
+    assert sub.returncode == 0, sub.stderr
+    job_id = json.loads(sub.stdout)["ids"][0]
+    on_gpu02 = {j["id"]: j for j in json.loads(labq(lab, "gpu02", "alice", "ls", "--json").stdout)}
+    assert on_gpu02[job_id]["user"] == "alice" and on_gpu02[job_id]["state"] == "held", on_gpu02
+    every = labq_via(lab, agent, "gpu01", "bob", "ls", "--all-nodes", "--json")
+    assert every.returncode == 0, every.stderr
+    listing = json.loads(every.stdout)
+    assert listing["errors"] == {} and set(listing["jobs"]) == set(NODES), listing
+    assert job_id in [j["id"] for j in listing["jobs"]["gpu02"] if j["user"] == "alice"]
+    denied = labq_via(lab, agent, "gpu01", "bob", "--host", "gpu02", "cancel", str(job_id))
+    assert denied.returncode == 4 and "owner" in denied.stderr, denied
+    ok = labq_via(lab, agent, "gpu01", "alice", "--host", "gpu02", "cancel", str(job_id))
+    assert ok.returncode == 0, ok.stderr
+    assert wait_final(lab, "gpu02", "alice", job_id)["state"] == "cancelled"
+
+
+def test_labq_host_names_an_unreachable_node(lab, image, agent):
+    out = labq_via(lab, agent, "gpu01", "alice", "--host", "gpu99", "ls")
+    assert out.returncode == 6 and "cannot reach labq on gpu99" in out.stderr, out
+    every = labq_via(lab, agent, "gpu01", "alice", "ls", "--all-nodes")
+    assert every.returncode == 0, every.stderr  # the lab's own nodes all answer
 
 
 def test_failed_job_is_mailed_to_its_owner_through_the_lab_mta(lab, image, host_exec, sink):
