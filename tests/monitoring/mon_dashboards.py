@@ -29,6 +29,7 @@ SOURCE_METRICS = {
     re.compile(r"\bDCGM_FI_\w+"): "dcgm",
     re.compile(r"\blabq_(?!job\b)\w+"): "labq",
     re.compile(r"\blabkit_gpu_\w+"): "gpu_users",
+    re.compile(r"\bcontainer_\w+"): "cadvisor",
 }
 
 

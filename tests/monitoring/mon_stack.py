@@ -1,7 +1,7 @@
 """The `stack` fixture: a real Prometheus on loopback, configured from
 monitoring/prometheus/prometheus.example.yml and the repo's rules, scraping a real
 node_exporter, the real labkit GPU-user exporter (no GPU here), and static stand-ins:
-the dcgm-exporter and labq contract samples (tests/monitoring/data/*.prom), and a second
+the dcgm-exporter, labq and cAdvisor contract samples (tests/monitoring/data/*.prom), and a second
 gpu_users target serving what our collector produces with a fake NVML (host "gpusample").
 
 Test modules that use it declare `pytest_plugins = ("mon_stack",)`, so it is one session
@@ -98,8 +98,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prom_port = free_port()
     dcgm = StaticExporter((DATA / "dcgm_sample.prom").read_text())
     labq = StaticExporter((DATA / "labq_sample.prom").read_text())
+    cadvisor = StaticExporter((DATA / "cadvisor_sample.prom").read_text())
     gpu_sample = StaticExporter(gpu_users_sample(tmp))
-    ports.update(dcgm=dcgm.port, labq=labq.port)
+    ports.update(dcgm=dcgm.port, labq=labq.port, cadvisor=cadvisor.port)
     targets = {job: [(port, TEST_HOST)] for job, port in ports.items()}
     targets["gpu_users"].append((gpu_sample.port, GPU_SAMPLE_HOST))
     (tmp / "textfile").mkdir()
@@ -121,6 +122,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with contextlib.ExitStack() as stop:
         stop.callback(dcgm.close)
         stop.callback(labq.close)
+        stop.callback(cadvisor.close)
         stop.callback(gpu_sample.close)
         stop.enter_context(
             running(

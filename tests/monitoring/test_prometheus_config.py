@@ -54,7 +54,14 @@ def test_target_labels(path: Path) -> None:
 
 def test_real_prometheus_targets_carry_host_labels(stack: Stack) -> None:
     active = requests.get(f"{stack.prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-    assert {t["labels"]["job"] for t in active} == {"node", "gpu_users", "dcgm", "labq", "prometheus"}
+    assert {t["labels"]["job"] for t in active} == {
+        "node",
+        "gpu_users",
+        "dcgm",
+        "labq",
+        "cadvisor",
+        "prometheus",
+    }
     for target in active:
         assert target["health"] == "up", target
         assert target["labels"]["instance"] == target["labels"]["host"]  # instance = host, whatever the port
