@@ -1,8 +1,13 @@
-"""The monitoring stack in the lab: Prometheus scraping every host, dashboards' queries answered,
-and a stopped host reaching "Slack" (a receiver on this machine's lab address) and resolving again."""
+"""The monitoring stack in the lab: Prometheus scraping every host and exporter (node_exporter, cAdvisor,
+the GPU-user exporter, labqd), dashboards' queries answered (the job queue's and "who uses which GPU"
+while a student's labq job runs on a fake GPU), the job's container seen by cAdvisor with its labq labels,
+bad exporter settings refused, and a stopped host reaching "Slack" (a receiver on this machine's lab
+address) and resolving again."""
 
 from __future__ import annotations
 
+import json
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -10,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from lab_helpers import run_playbook, ssh
 from labctl import docker_client, wait_for_systemd
 from mon_dashboards import sources_used, targets
 from mon_sinks import SlackSink
@@ -17,6 +23,35 @@ from mon_sinks import SlackSink
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 HOSTS = ("infra01", "gpu01", "gpu02")
+GPU_NODES = ("gpu01", "gpu02")
+ROLE = {"infra01": "infra", "gpu01": "gpu", "gpu02": "gpu"}
+# Exporter jobs besides `node` and the hosts that run them in the lab (inventory/lab: docker_hosts is
+# gpu_nodes + monitoring_servers; no DCGM without GPUs).
+EXPORTERS = {"cadvisor": HOSTS, "gpu_users": GPU_NODES, "labq": GPU_NODES}
+# An image with dash and sleep, imported inside gpu01 (no registry); labq's allow-list takes labkit-*.
+SLEEP_IMAGE = "labkit-monsleep:1"
+IMPORT_SLEEP_IMAGE = f"""set -e
+root=$(mktemp -d)
+for b in /bin/dash /bin/sleep; do cp --parents -L "$b" $(ldd "$b" | grep -o '/[^ ]*') "$root"; done
+chmod -R a+rX "$root"
+tar -C "$root" -c . | docker import - {SLEEP_IMAGE} >/dev/null
+rm -rf "$root"
+"""
+# Panels of the job queue and GPU-user dashboards that the lab can feed while a labq job runs on a fake
+# GPU (no real GPU: per-process GPU memory and DCGM stay empty, and nothing is pending).
+LAB_ANSWERABLE = {
+    ("labkit-cluster-overview", "NVML working (GPU-user exporter)"),
+    ("labkit-gpu-users", "Allocations now (labq)"),
+    ("labkit-gpu-users", "GPU owner over time (labq)"),
+    ("labkit-job-queue", "Running jobs"),
+    ("labkit-job-queue", "GPUs by state"),
+    ("labkit-job-queue", "Running jobs by node"),
+    ("labkit-job-queue", "Running jobs by user"),
+    ("labkit-job-queue", "Allocated GPUs by node and user"),
+    ("labkit-job-queue", "Wait time before start (median, 90th percentile)"),
+    ("labkit-job-queue", "Job containers' CPU by user (cAdvisor)"),
+    ("labkit-job-queue", "Job containers' memory by user (cAdvisor)"),
+}
 RECEIVER = ("172.30.57.1", 18080)  # monitoring_server_slack_webhook_url in inventory/lab
 
 
@@ -52,6 +87,152 @@ def test_every_host_is_scraped_with_readable_labels(prometheus):
     assert series["gpu01"]["role"] == "gpu" and series["infra01"]["role"] == "infra"
 
 
+@pytest.mark.parametrize("job", sorted(EXPORTERS))
+def test_every_exporter_is_scraped_with_readable_labels(prometheus, job):
+    def all_up():
+        result = query(prometheus, f'up{{job="{job}"}} == 1')["data"]["result"]
+        return (
+            {r["metric"]["instance"]: r["metric"] for r in result}
+            if len(result) == len(EXPORTERS[job])
+            else None
+        )
+
+    series = wait_until(all_up, 90, f"{job} up on {', '.join(EXPORTERS[job])}")
+    assert set(series) == set(EXPORTERS[job])
+    for host, labels in series.items():
+        assert labels["host"] == host and labels["role"] == ROLE[host], labels
+
+
+def test_gpu_user_exporter_says_no_gpu_and_keeps_running(prometheus, host_exec):
+    result = query(prometheus, 'labkit_gpu_nvml_up{job="gpu_users"}')["data"]["result"]
+    assert {r["metric"]["instance"]: r["value"][1] for r in result} == {"gpu01": "0", "gpu02": "0"}
+    for node in GPU_NODES:
+        state = host_exec(
+            node, "systemctl", "show", "labkit-gpu-user-exporter", "-p", "ActiveState", "-p", "User"
+        )
+        assert set(state.stdout.split()) == {"ActiveState=active", "User=labkit-gpu-exporter"}, state.stdout
+
+
+def labq(lab, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return ssh(lab["gpu01"]["address"], user, shlex.join(["labq", *args]))
+
+
+@pytest.fixture(scope="module")
+def running_job(lab, host_exec) -> Iterator[str]:
+    """alice's labq job on gpu01, running (a fake GPU) while the module's checks look at it."""
+    out = host_exec("gpu01", "bash", "-c", IMPORT_SLEEP_IMAGE)
+    assert out.returncode == 0, out.stderr
+    sub = labq(
+        lab,
+        "alice",
+        "submit",
+        "--json",
+        "--gpus",
+        "1",
+        "--image",
+        SLEEP_IMAGE,
+        "--name",
+        "mon-sleep",
+        "--",
+        "/bin/sleep",
+        "600",
+    )
+    assert sub.returncode == 0, sub.stderr
+    job_id = str(json.loads(sub.stdout)["ids"][0])
+
+    def running():
+        show = labq(lab, "alice", "show", job_id, "--json")
+        assert show.returncode == 0, show.stderr
+        job = json.loads(show.stdout)
+        assert job["state"] in ("pending", "starting", "running"), job
+        return job["state"] == "running"
+
+    try:
+        wait_until(running, 60, f"labq job {job_id} running")
+        yield job_id
+    finally:
+        labq(lab, "alice", "cancel", job_id)
+
+
+def test_running_job_is_seen_by_labq_and_cadvisor_with_its_owner(prometheus, running_job):
+    def allocation():
+        result = query(prometheus, f'labq_gpu_allocated{{instance="gpu01", labq_job="{running_job}"}}')
+        return result["data"]["result"]
+
+    alloc = wait_until(allocation, 60, "labq_gpu_allocated of the job")[0]["metric"]
+    assert alloc["user"] == "alice" and alloc["uuid"].startswith("GPU-fake-"), alloc
+
+    def container():
+        labels = f'job="cadvisor", instance="gpu01", container_label_labq_job="{running_job}"'
+        expr = f"container_last_seen{{{labels}}}"
+        return query(prometheus, expr)["data"]["result"]
+
+    seen = wait_until(container, 90, "cAdvisor series of the job's container")[0]["metric"]
+    assert seen["container_label_labq_user"] == "alice", seen
+    assert seen["image"] == SLEEP_IMAGE and seen["role"] == "gpu", seen
+    memory = query(prometheus, f'container_memory_usage_bytes{{container_label_labq_job="{running_job}"}}')
+    assert memory["data"]["result"], "no memory series for the job's container"
+
+
+ANSWERABLE = [t for t in targets() if (t.dashboard, t.panel) in LAB_ANSWERABLE]
+
+
+@pytest.mark.parametrize("t", ANSWERABLE, ids=[f"{t.dashboard}:{t.panel}:{t.ref}" for t in ANSWERABLE])
+def test_job_queue_and_gpu_user_panels_show_the_running_job(prometheus, running_job, t):
+    answer = wait_until(lambda: query(prometheus, t.expr)["data"]["result"], 60, f"series for {t.expr!r}")
+    assert answer
+
+
+def test_the_answerable_panels_exist():
+    assert {(t.dashboard, t.panel) for t in ANSWERABLE} == LAB_ANSWERABLE
+
+
+@pytest.mark.parametrize(
+    ("playbook", "tag", "extra", "variable"),
+    [
+        ("monitoring.yml", "cadvisor", {"cadvisor_tag": "latest"}, "cadvisor_tag"),
+        ("monitoring.yml", "cadvisor", {"cadvisor_port": 80}, "cadvisor_port"),
+        (
+            "monitoring.yml",
+            "cadvisor",
+            {"cadvisor_housekeeping_interval": "15"},
+            "cadvisor_housekeeping_interval",
+        ),
+        ("monitoring.yml", "cadvisor", {"cadvisor_disable_metrics": ["gpu"]}, "cadvisor_disable_metrics"),
+        ("gpu_nodes.yml", "gpu_user_exporter", {"gpu_user_exporter_user": "root"}, "gpu_user_exporter_user"),
+        (
+            "gpu_nodes.yml",
+            "gpu_user_exporter",
+            {"gpu_user_exporter_docker_url": "/var/run/docker.sock"},
+            "gpu_user_exporter_docker_url",
+        ),
+        (
+            "gpu_nodes.yml",
+            "gpu_user_exporter",
+            {"gpu_user_exporter_extras": ["cuda"]},
+            "gpu_user_exporter_extras",
+        ),
+    ],
+    ids=[
+        "cadvisor-unpinned",
+        "cadvisor-port",
+        "cadvisor-duration",
+        "cadvisor-metric",
+        "exporter-root",
+        "exporter-docker-url",
+        "exporter-extra",
+    ],
+)
+def test_bad_exporter_input_is_refused_before_any_change(lab, host_exec, playbook, tag, extra, variable):
+    units = ("/etc/systemd/system/cadvisor.service", "/etc/systemd/system/labkit-gpu-user-exporter.service")
+    before = host_exec("gpu01", "cat", *units).stdout
+    run = run_playbook(playbook, "-l", "gpu01", "--tags", tag, "-e", json.dumps(extra))
+    assert run.rc != 0
+    assert variable in run.output, run.output[-3000:]
+    assert run.recap()["gpu01"]["changed"] == 0
+    assert host_exec("gpu01", "cat", *units).stdout == before
+
+
 def test_rules_are_loaded_with_the_labs_values(prometheus):
     groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = {r["name"]: r for g in groups for r in g["rules"]}
@@ -68,8 +249,9 @@ TARGETS = targets()
 def test_dashboard_queries_against_the_lab(prometheus, t):
     answer = query(prometheus, t.expr)
     assert answer["status"] == "success", f"{t.expr!r}: {answer.get('error')}"
-    # The lab scrapes node_exporter and Prometheus itself; panels fed by DCGM, labq or the GPU-user
-    # exporter (no GPUs here) are checked for valid PromQL only.
+    # Panels fed by node_exporter and Prometheus itself must show the lab; those fed by DCGM (no GPUs
+    # here), labq, cAdvisor or the GPU-user exporter are checked for valid PromQL here, and with a
+    # running labq job in test_job_queue_and_gpu_user_panels_show_the_running_job.
     if not sources_used(t.expr):
         assert answer["data"]["result"], f"no series in the lab for {t.expr!r}"
 
