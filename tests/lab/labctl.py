@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     img.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
     sub.add_parser("infra", help="lab network and apt proxy")
     sub.add_parser(
-        "images", help="build the lab's service images (Prometheus, Alertmanager) and their archives"
+        "images", help="build the lab's service images (Prometheus, Alertmanager, cAdvisor) and archives"
     )
     sub.add_parser("up", help="start the lab's hosts and write inventory/lab/hosts.yml")
     st = sub.add_parser("status", help="what runs where")
