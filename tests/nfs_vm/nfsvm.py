@@ -376,8 +376,11 @@ def up(image: Path | None = None) -> list[RunningVm]:
     return vms
 
 
-def run_playbook(playbook: Path = HERE / "converge.yml", timeout: float = 1800) -> tuple[int, str]:
-    """ansible-playbook on the VMs (the repository's ansible.cfg; facts cached per boot): rc and output."""
+def run_playbook(
+    playbook: Path = HERE / "converge.yml", timeout: float = 1800, echo: bool = False
+) -> tuple[int, str]:
+    """ansible-playbook on the VMs (the repository's ansible.cfg; facts cached per boot): rc and output,
+    also printed line by line as it comes when `echo` (the CLI; pytest shows it with -s)."""
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
@@ -386,16 +389,23 @@ def run_playbook(playbook: Path = HERE / "converge.yml", timeout: float = 1800) 
         ANSIBLE_FORCE_COLOR="0",
     )
     ansible = Path(sys.executable).parent / "ansible-playbook"
-    proc = subprocess.run(
-        [str(ansible) if ansible.exists() else "ansible-playbook", "-i", str(INVENTORY), str(playbook)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-    return proc.returncode, proc.stdout
+    argv = [str(ansible) if ansible.exists() else "ansible-playbook", "-i", str(INVENTORY), str(playbook)]
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    with subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if echo:
+                print(line, end="", flush=True)
+            if time.monotonic() > deadline:
+                proc.kill()
+                lines.append(f"nfsvm: ansible-playbook killed after {timeout:.0f}s\n")
+                break
+        rc = proc.wait()
+    return rc, "".join(lines)
 
 
 def running_vms() -> list[RunningVm]:
@@ -446,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "up":
         up()
     elif args.command == "converge":
-        rc, output = run_playbook()
-        print(output)
+        rc, _output = run_playbook(echo=True)
         return rc
     elif args.command == "down":
         down()
