@@ -16,7 +16,7 @@ export LABKIT_ROOT := $(ROOT)
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 
 .PHONY: help host venv lab lab-image lab-infra lab-up lab-converge lab-status lab-down \
-        test quick lint unit pytest-docker e2e molecule molecule-% bench clean
+        test quick lint unit pytest-docker e2e molecule molecule-% test-nfs-vm bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -67,7 +67,7 @@ lint: venv ## yamllint, ansible-lint (production profile), ruff, mypy
 	mypy
 
 unit: venv ## unit tests (no Docker, no lab)
-	pytest -m "not docker and not lab"
+	pytest -m "not docker and not lab and not nfs_vm"
 
 pytest-docker: host venv ## tests that drive a real Docker engine (labqd, exporters)
 	pytest -m "docker and not lab"
@@ -82,6 +82,12 @@ molecule: lab-infra ## every role's molecule scenario (converge, idempotence, ve
 molecule-%: lab-infra ## one role's molecule scenario, e.g. make molecule-common
 	proxy=$$($(LABCTL) proxy-url) && cd roles/$* && \
 	  LABKIT_MOLECULE_INSTANCE=molecule-$* LABKIT_APT_PROXY=$$proxy molecule test
+
+test-nfs-vm: host venv ## opt-in, not in `make test`: the NFS roles on two QEMU VMs with real kernel NFS (~11 min)
+	tests/nfs_vm/host-setup.sh
+	$(LABCTL) infra
+	$(PY) tests/nfs_vm/nfsvm.py image
+	pytest -m nfs_vm -s --durations=0 tests/nfs_vm
 
 bench: venv ## benchmarks: print ratios measured in one run (not part of `make test`)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done

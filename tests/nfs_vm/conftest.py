@@ -1,0 +1,19 @@
+"""The NFS VM scenario's reports: a failed test shows the tail of both VMs' serial consoles."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import nfsvm
+import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed and item.get_closest_marker("nfs_vm") is not None:
+        for vm in nfsvm.VMS:
+            report.sections.append(
+                (f"serial console of {vm.name}", nfsvm.tail(nfsvm.RUN / f"{vm.name}.serial.log", 60))
+            )
