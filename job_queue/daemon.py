@@ -424,6 +424,32 @@ def _prepare_dirs(cfg: Config) -> None:
     Path(cfg.log_dir).chmod(0o711)  # owners open their own files by name; nobody lists them
 
 
+def _lock_state_dir(cfg: Config) -> int | None:
+    """Hold an exclusive lock on the state dir for the life of this process (None: another has it).
+
+    A second labqd on the same state would re-adopt the first one's containers and rewrite their
+    log files under it, so it must stop before it opens the store or asks Docker anything.
+    The lock goes with the process (exit, kill -9), so no stale lock ever needs clearing.
+    """
+    import fcntl
+
+    fd = os.open(str(Path(cfg.state_dir) / "labqd.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _lock_holder(cfg: Config) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return f" (pid {int((Path(cfg.state_dir) / 'labqd.lock').read_text())})"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="labqd", description="labq GPU job queue daemon")
     parser.add_argument("--config", help="config file (default $LABQ_CONFIG or /etc/labq/config.toml)")
@@ -443,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.umask(0o022)
     _prepare_dirs(cfg)
+    lock = _lock_state_dir(cfg)  # open until this process ends
+    if lock is None:
+        print(f"labqd: another labqd{_lock_holder(cfg)} is running on {cfg.state_dir}; "
+              f"stop it first (systemctl stop labqd)", file=sys.stderr)
+        return 1
     store = SqliteStore(cfg.db_path)
     try:
         runtime = DockerRuntime(cfg, store.instance)

@@ -187,6 +187,9 @@ metrics_port = {metrics_port}
         self.stderr = root / "labqd.stderr"
 
     def start(self) -> None:
+        """Start (or restart after kill9/terminate) this daemon; factories already start it once."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise AssertionError("labqd is already running: stop it before starting it again")
         with self.stderr.open("ab") as err:
             self.proc = subprocess.Popen(
                 [PYTHON, "-m", "job_queue.daemon", "--config", str(self.config), "--log-level", "DEBUG"],

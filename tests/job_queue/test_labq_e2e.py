@@ -196,6 +196,34 @@ def test_sigterm_drains_and_running_containers_survive(labqd: Labqd, users: dict
     assert time.time() - done["end_time"] < 60
 
 
+def test_second_labqd_on_the_same_state_refuses_and_touches_nothing(labqd: Labqd) -> None:
+    """An admin starting labqd by hand while the service runs: the second one stops before it
+    re-adopts the running job (which would rewrite its log file under the first daemon)."""
+    job_id = submit(labqd, "alice", "--gpus", "1", "--", "sh", "-c",
+                    "for i in 1 2 3; do echo line$i; done; sleep 8; echo done")
+    labqd.wait_state(job_id, ("running",))
+    log = labqd.log_dir / f"{job_id}.log"
+    # "running" is recorded when the container starts; the log file appears a moment later, when
+    # labqd's follower opens it. The job sleeps long enough for the second daemon to come and go.
+    first = wait_for(lambda: log.read_bytes() if log.exists() else b"",
+                     lambda data: data == b"line1\nline2\nline3\n", timeout=10)
+    assert first == b"line1\nline2\nline3\n"
+    import subprocess
+
+    from labq_helpers import PYTHON, REPO
+
+    second = subprocess.run([PYTHON, "-m", "job_queue.daemon", "--config", str(labqd.config)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert labqd.proc is not None
+    assert second.returncode == 1
+    assert second.stderr == (f"labqd: another labqd (pid {labqd.proc.pid}) is running on "
+                             f"{labqd.root / 'state'}; stop it first (systemctl stop labqd)\n")
+    assert log.read_bytes() == b"line1\nline2\nline3\n"  # not rewritten
+    assert labqd.call("ping")["ok"] and Path(labqd.socket).exists()
+    assert labqd.wait_state(job_id, ("succeeded",))["exit_code"] == 0
+    assert log.read_bytes() == b"line1\nline2\nline3\ndone\n"
+
+
 def test_admin_group_member_may_manage_others_jobs(labqd: Labqd) -> None:
     (job_id,) = [submit(labqd, "alice", "--gpus", "0", "--hold", "--", "true")]
     assert labqd.labq("release", str(job_id), user="bob").returncode == 4

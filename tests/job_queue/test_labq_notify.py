@@ -244,7 +244,6 @@ def test_failed_job_notifies_webhook_dm_and_mail(make_labqd: Any, slack: SlackRe
     extra = notify_config(tmp_path, slack_port=slack.port, smtp_port=smtp.port,
                           channels='["webhook", "slack_dm", "mail"]', default_events='["failed"]')
     d = make_labqd(extra)
-    d.start()
     job_id = submit(d, "--gpus", "1", "--name", "fails", "--", "sh", "-c",
                     "for i in 1 2 3 4 5 6 7; do echo line$i; done; echo boom >&2; exit 3")
     assert d.wait_state(job_id, ("failed",))["exit_code"] == 3
@@ -296,7 +295,6 @@ def test_outage_never_blocks_the_queue_and_is_counted(make_labqd: Any, tmp_path:
                           default_events='["started", "finished"]', timeout_s=3)
     port = free_port()
     d = make_labqd(extra, metrics_port=port)
-    d.start()
     try:
         t0 = time.monotonic()
         ids = [submit(d, "--gpus", "4", "--", "true") for _ in range(3)]
@@ -329,7 +327,6 @@ def test_outcomes_scheduler_passes_and_foreign_processes_are_exported(make_labqd
     """The metrics the notifications sit beside: outcomes by exit class, scheduler pass duration."""
     port = free_port()
     d = make_labqd(metrics_port=port)
-    d.start()
     ok = submit(d, "--gpus", "1", "--", "true")
     bad = submit(d, "--gpus", "1", "--", "sh", "-c", "exit 3")
     sig = submit(d, "--gpus", "1", "--", "sh", "-c", "sleep 30 & kill -9 $!; wait $!")

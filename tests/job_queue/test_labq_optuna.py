@@ -70,7 +70,6 @@ def test_optuna_study_with_four_gpu_workers(make_labqd: Any, users: dict[str, An
         os.chown(p, alice.pw_uid, alice.pw_gid)
 
     d: Labqd = make_labqd(f'[mounts]\noptuna = "{optuna_tree}:/opt/optuna:ro"\n')
-    d.start()
     journal = work / "sweep.journal"
     res = d.labq(
         "submit", "--json", "--array", "0-3", "--gpus", "1", "--image", node_image, "--mount", "optuna",
@@ -123,7 +122,6 @@ def test_grid_sweep_runs_each_point_once(make_labqd: Any, users: dict[str, Any],
                            capture_output=True, text=True, check=True).stdout.strip()
     assert count == "6"
     d: Labqd = make_labqd()
-    d.start()
     # The "training" writes the arguments it got to out/<index>.
     train = 'echo "$@" > out/$LABQ_ARRAY_INDEX'
     res = d.labq("submit", "--json", "--array", "0-5%2", "--gpus", "1", "--image", node_image,

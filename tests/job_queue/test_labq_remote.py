@@ -44,7 +44,6 @@ def nodes(make_labqd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> d
     daemons = {}
     for name in ("gpu01", "gpu02"):
         d = make_labqd()
-        d.start()
         (tmp_path / f"{name}.sock").write_text(d.socket)
         daemons[name] = d
     monkeypatch.setenv("LABQ_SSH", str(ssh))
