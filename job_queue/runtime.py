@@ -29,6 +29,9 @@ LABEL_USER = "labq.user"
 LABEL_INSTANCE = "labq.instance"
 
 
+_ALIGN = 4096  # bytes of followed output compared with Docker's log before its rest is appended
+
+
 class RuntimeError_(Exception):
     """A Docker operation for a job failed (message is shown to the user)."""
 
@@ -300,16 +303,54 @@ class DockerRuntime:
         """
         stream = self.client.api.logs(cid, stdout=True, stderr=True, stream=True, follow=follow)
         target = path if follow else f"{path}.tmp"
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, 0o600)
             for chunk in stream:
                 os.write(fd, chunk)
+            if follow:  # what was followed is in the file: its size and its last bytes
+                written = os.lseek(fd, 0, os.SEEK_CUR)
+                tail = os.pread(fd, _ALIGN, max(0, written - _ALIGN))
+                os.write(fd, self._missed_by_follow(cid, written, tail))
         finally:
             os.close(fd)
         if not follow:
             Path(target).replace(path)
+
+    def _missed_by_follow(self, cid: str, written: int, tail: bytes) -> bytes:
+        """What a follow stream dropped at its end (Docker may close it before the last entries, and
+        always before a last line without a newline): the bytes Docker holds after ``written``.
+
+        One short ``tail=1`` request settles the usual case (nothing missing). Otherwise the whole log
+        is read again and the rest is taken only if it lines up with what was written (a log Docker
+        rotated away at its start does not, and is left as followed).
+        """
+        import docker.errors
+
+        try:
+            last = self.client.api.logs(cid, stdout=True, stderr=True, tail=1)
+            if not last or tail.endswith(last):
+                return b""
+            pos, seen, rest = 0, b"", []
+            for chunk in self.client.api.logs(cid, stdout=True, stderr=True, stream=True, follow=False):
+                end = pos + len(chunk)
+                if end > written - len(tail) and pos < written:
+                    seen += chunk[max(0, written - len(tail) - pos):written - pos]
+                if end > written:
+                    rest.append(chunk[max(0, written - pos):])
+                pos = end
+        except docker.errors.NotFound:
+            return b""
+        except Exception as exc:  # dockerd restarting: the next follow rewrites the file anyway
+            log.warning("container %s: could not check its log for output the stream missed: %s",
+                        cid[:12], exc)
+            return b""
+        if seen != tail:
+            log.warning("container %s: its log does not line up with the followed output; "
+                        "the last %d bytes Docker holds were not added", cid[:12], max(0, pos - written))
+            return b""
+        return b"".join(rest)
 
     def events(self) -> Iterator[ContainerEvent]:
         """Subscribe now; the iterator yields the ``die`` and ``oom`` events of this queue's containers."""

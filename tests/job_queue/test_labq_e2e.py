@@ -60,6 +60,18 @@ def test_job_runs_as_user_in_cwd_with_labels_and_env(labqd: Labqd, users: dict[s
     assert log_file.stat().st_uid == alice.pw_uid and log_file.stat().st_mode & 0o077 == 0
 
 
+def test_log_keeps_a_last_line_without_newline(labqd: Labqd) -> None:
+    """Docker's follow stream often ends before a last line that has no newline (a progress bar's
+    last state, a final print(..., end="")); the saved log still ends with it. Several jobs, since
+    the stream drops it only some of the time."""
+    ids = [submit(labqd, "alice", "--gpus", "0", "--", "sh", "-c",
+                  'echo hello; sleep 0.5; printf "done-$LABQ_JOB_ID"') for _ in range(8)]
+    for job_id in ids:
+        assert labqd.wait_state(job_id, ("succeeded", "failed"))["state"] == "succeeded"
+        logs = labqd.labq("logs", str(job_id), user="alice")
+        assert logs.returncode == 0 and logs.stdout == f"hello\ndone-{job_id}", (job_id, logs.stdout)
+
+
 def test_container_security_options(labqd: Labqd, users: dict[str, Any]) -> None:
     from labq_helpers import docker_client
 

@@ -244,8 +244,11 @@ def test_failed_job_notifies_webhook_dm_and_mail(make_labqd: Any, slack: SlackRe
     extra = notify_config(tmp_path, slack_port=slack.port, smtp_port=smtp.port,
                           channels='["webhook", "slack_dm", "mail"]', default_events='["failed"]')
     d = make_labqd(extra)
+    # Docker copies stdout and stderr through separate pipes and logs each line as it arrives, so a
+    # stderr line written right after stdout lines may be logged before them; the pause makes "boom"
+    # the last line Docker records, as it is for a real job that fails after printing for a while.
     job_id = submit(d, "--gpus", "1", "--name", "fails", "--", "sh", "-c",
-                    "for i in 1 2 3 4 5 6 7; do echo line$i; done; echo boom >&2; exit 3")
+                    "for i in 1 2 3 4 5 6 7; do echo line$i; done; sleep 1; echo boom >&2; exit 3")
     assert d.wait_state(job_id, ("failed",))["exit_code"] == 3
     wait_for(lambda: slack.of("/webhook") and slack.of("/api/chat.postMessage") and smtp.messages)
 
