@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -38,6 +40,20 @@ def host_exec() -> Callable[..., subprocess.CompletedProcess[str]]:
         return subprocess.run(prefix + list(cmd), capture_output=True, text=True, timeout=120)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def agent() -> Iterator[dict[str, str]]:
+    """An ssh-agent on this machine holding the members' test key; logins forward it (ssh -A), as a
+    student's laptop does, so labq on the login node reaches other nodes with the student's own key."""
+    out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    env = dict(re.findall(r"(SSH_AUTH_SOCK|SSH_AGENT_PID)=([^;]+);", out))
+    try:
+        subprocess.run(["ssh-add", "-q", str(ADMIN_KEY)], env={**os.environ, **env}, check=True,
+                       capture_output=True)
+        yield env
+    finally:
+        subprocess.run(["ssh-agent", "-k"], env={**os.environ, **env}, capture_output=True, check=False)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

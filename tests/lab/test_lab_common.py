@@ -22,6 +22,7 @@ def fingerprint(host_exec, host: str) -> str:
         "-c",
         "cat /etc/passwd /etc/group /etc/hosts /etc/chrony/chrony.conf /etc/ssh/sshd_config.d/* "
         "/etc/apt/apt.conf.d/* /etc/sudoers.d/* /etc/systemd/journald.conf.d/* /etc/timezone "
+        "/etc/ssh/ssh_known_hosts "
         "2>/dev/null | md5sum",
     )
     return out.stdout
@@ -106,19 +107,76 @@ BAD_INPUTS = [
     ),
     pytest.param({"common_admins": [{"ssh_keys": []}]}, "name", id="admin-without-name"),
     pytest.param({"common_apt_cache_valid_time": "soon"}, "common_apt_cache_valid_time", id="int-expected"),
+    pytest.param({"ssh_known_hosts_key_types": ["dsa"]}, "ssh_known_hosts_key_types", id="known-hosts-dsa"),
+    # Checked by the role's preflight (after common has run): only the role's tag, to keep the suite short.
+    pytest.param(
+        {"ssh_known_hosts_extra_lines": ["nas01 ssh-ed25519"]},
+        "ssh_known_hosts_extra_lines",
+        id="known-hosts-line",
+        marks=pytest.mark.tags("ssh_known_hosts"),
+    ),
+    pytest.param(
+        {"ssh_known_hosts_hosts": ["gpu09"]},
+        "ssh_known_hosts_hosts",
+        id="known-hosts-nohost",
+        marks=pytest.mark.tags("ssh_known_hosts"),
+    ),
 ]
 
 
 @pytest.mark.parametrize(("extra_vars", "named"), BAD_INPUTS)
-def test_bad_input_is_rejected_by_name_and_changes_nothing(lab, host_exec, extra_vars, named):
+def test_bad_input_is_rejected_by_name_and_changes_nothing(request, lab, host_exec, extra_vars, named):
     before = {h: fingerprint(host_exec, h) for h in HOSTS}
-    run = run_playbook("site.yml", "-e", json.dumps(extra_vars))
+    tags = request.node.get_closest_marker("tags")
+    only = ("--tags", ",".join(tags.args)) if tags else ()
+    run = run_playbook("site.yml", "-e", json.dumps(extra_vars), *only)
     assert run.rc != 0
     assert named in run.output
     for host, counts in run.recap().items():
         assert counts["changed"] == 0, f"{host} changed despite bad input"
     assert {h: fingerprint(host_exec, h) for h in HOSTS} == before
     assert host_exec("gpu01", "getent", "passwd", "eve").returncode != 0
+
+
+def test_a_late_roles_bad_setting_stops_site_yml_before_the_first_play(lab):
+    """argument_specs of every role are checked up front (playbooks/check-inputs.yml): a wrong type for
+    the job queue, whose play runs last, stops the run before the base system's play starts."""
+    run = run_playbook("site.yml", "-e", json.dumps({"job_queue_max_gpus_per_user": "many"}))
+    assert run.rc != 0
+    assert "job_queue_max_gpus_per_user" in run.output and "cannot be converted to an int" in run.output
+    assert "PLAY [Base system on every host]" not in run.output, run.output[-3000:]
+    assert all(counts["changed"] == 0 for counts in run.recap().values())
+
+
+def known_hosts_lines(host_exec, host: str) -> set[str]:
+    out = host_exec(host, "cat", "/etc/ssh/ssh_known_hosts")
+    assert out.returncode == 0, out.stderr
+    return {line for line in out.stdout.splitlines() if line and not line.startswith("#")}
+
+
+def test_every_host_knows_every_hosts_current_keys(lab, host_exec):
+    known = {knower: known_hosts_lines(host_exec, knower) for knower in HOSTS}
+    for host in HOSTS:
+        names = f"{host},{host}.lab.test,{lab[host]['address']}"
+        for key_file in ("ssh_host_ed25519_key.pub", "ssh_host_ecdsa_key.pub", "ssh_host_rsa_key.pub"):
+            key_type, key = host_exec(host, "cat", f"/etc/ssh/{key_file}").stdout.split()[:2]
+            for knower, lines in known.items():
+                assert f"{names} {key_type} {key}" in lines, (knower, host)
+
+
+def test_a_member_sshes_between_nodes_with_strict_host_key_checking(lab, agent):
+    """alice (LDAP, no known_hosts of her own) logs in to gpu01 with her agent, then ssh-es on by name, by
+    FQDN and by address: every host key is verified against /etc/ssh/ssh_known_hosts alone."""
+    hops = [("gpu01", "gpu02", "gpu02"), ("gpu01", "gpu02.lab.test", "gpu02")]
+    hops.append(("gpu02", lab["gpu01"]["address"], "gpu01"))
+    for node, target, expected in hops:
+        hop = (
+            "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/dev/null "
+            f"-o ConnectTimeout=10 {target} hostname"
+        )
+        out = ssh(lab[node]["address"], "alice", hop, extra=("-A",), env=agent)
+        assert out.returncode == 0, (node, target, out.stderr)
+        assert out.stdout.strip() == expected
 
 
 def test_rebuild_node_needs_exactly_one_host(lab):

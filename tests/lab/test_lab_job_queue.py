@@ -8,15 +8,12 @@ alice (in lab-admins) and bob log in over SSH with the lab's test key and use `l
 from __future__ import annotations
 
 import json
-import os
-import re
 import shlex
-import subprocess
 import time
 import uuid
 
 import pytest
-from lab_helpers import ADMIN_KEY, converge_again, run_playbook, ssh
+from lab_helpers import converge_again, run_playbook, ssh
 from test_lab_mail import arrived, sink
 
 __all__ = ["sink"]  # the test smarthost fixture of test_lab_mail.py, used here too
@@ -133,20 +130,6 @@ def test_metrics_are_scraped_from_the_lab_network(lab, image, host_exec):
     )
     assert out.returncode == 0, out.stderr
     assert 'labq_gpus{state="free"}' in out.stdout
-
-
-@pytest.fixture(scope="module")
-def agent():
-    """An ssh-agent on this machine holding the members' test key; logins forward it (ssh -A), as a
-    student's laptop does, so labq on the login node reaches other nodes with the student's own key."""
-    out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
-    env = dict(re.findall(r"(SSH_AUTH_SOCK|SSH_AGENT_PID)=([^;]+);", out))
-    try:
-        subprocess.run(["ssh-add", "-q", str(ADMIN_KEY)], env={**os.environ, **env}, check=True,
-                       capture_output=True)
-        yield env
-    finally:
-        subprocess.run(["ssh-agent", "-k"], env={**os.environ, **env}, capture_output=True, check=False)
 
 
 def labq_via(lab, agent, node: str, user: str, *args: str):
