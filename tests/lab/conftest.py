@@ -32,6 +32,17 @@ def lab() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def second_run(lab: dict[str, Any]) -> PlaybookRun:
+    """site.yml once more on the lab `make lab` converged: a second run, shared by every module's checks.
+    site.yml imports identity.yml, nfs.yml, gpu_nodes.yml, job_queue.yml and monitoring.yml, so its recap
+    is each of those playbooks' second run too (one run instead of one per playbook: shorter CI). The
+    first test that asks for it runs it (test_lab_common's, as its module sorts first)."""
+    run = run_playbook("site.yml")
+    assert run.rc == 0, run.output[-4000:]
+    return run
+
+
+@pytest.fixture(scope="session")
 def host_exec() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run a command inside a lab host (as root), like an admin at its console."""
 
@@ -49,8 +60,9 @@ def agent() -> Iterator[dict[str, str]]:
     out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
     env = dict(re.findall(r"(SSH_AUTH_SOCK|SSH_AGENT_PID)=([^;]+);", out))
     try:
-        subprocess.run(["ssh-add", "-q", str(ADMIN_KEY)], env={**os.environ, **env}, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["ssh-add", "-q", str(ADMIN_KEY)], env={**os.environ, **env}, check=True, capture_output=True
+        )
         yield env
     finally:
         subprocess.run(["ssh-agent", "-k"], env={**os.environ, **env}, capture_output=True, check=False)

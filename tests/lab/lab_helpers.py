@@ -41,14 +41,6 @@ class PlaybookRun:
         }
 
 
-def converge_again(playbook: str) -> PlaybookRun:
-    """Run a playbook on the lab that `make lab` already converged with site.yml: it must succeed, and
-    its recap is a second run's (tests check it changed nothing)."""
-    run = run_playbook(playbook)
-    assert run.rc == 0, run.output[-4000:]
-    return run
-
-
 def run_playbook(playbook: str, *args: str, inventory: Path = LAB_INVENTORY) -> PlaybookRun:
     env = dict(
         os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"

@@ -105,18 +105,9 @@ def passwd_over_ssh(address: str, old: str, new: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def identity(lab):
-    """identity.yml on the converged lab (`make lab` ran site.yml, which imports it): nothing may change."""
-    run = run_playbook("identity.yml")
-    assert run.rc == 0, run.output[-4000:]
-    return run
-
-
-def test_identity_converge_is_idempotent(identity):
-    recap = identity.recap()
-    assert set(recap) == {"infra01", "gpu01", "gpu02"}
-    for host, counts in recap.items():
-        assert counts["changed"] == 0, f"{host} changed on a second run:\n{identity.output[-4000:]}"
+def identity(second_run):
+    """site.yml's second run (it imports identity.yml; test_lab_common checks it changed nothing)."""
+    return second_run
 
 
 def test_alice_resolves_on_the_nodes(identity, host_exec):

@@ -40,15 +40,9 @@ def fingerprint(host_exec, host: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def converged(lab):
-    """nfs.yml on the converged lab (`make lab` ran site.yml, which imports it): nothing may change."""
-    run = run_playbook("nfs.yml")
-    assert run.rc == 0, run.output[-4000:]
-    return run
-
-
-def test_nfs_converge_is_idempotent(converged):
-    converged.assert_changed_nothing(HOSTS)
+def converged(second_run):
+    """site.yml's second run (it imports nfs.yml; test_lab_common checks it changed nothing)."""
+    return second_run
 
 
 def test_infra01_exports_homes_and_data_to_the_cluster_only_with_root_squash(converged, host_exec):
