@@ -16,7 +16,7 @@ export LABKIT_ROOT := $(ROOT)
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 
 .PHONY: help host venv lab lab-image lab-infra lab-up lab-converge lab-status lab-down \
-        test quick lint unit pytest-docker e2e molecule molecule-% test-nfs-vm bench clean
+        test quick lint unit pytest-docker e2e docker-then-molecule molecule molecule-% test-nfs-vm bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -56,7 +56,17 @@ lab-down: venv ## remove the lab (keeps the image and the apt cache)
 	$(LABCTL) down
 
 # ------------------------------------------------------------------------------------------ tests
-test: lint unit pytest-docker e2e molecule ## everything CI runs: lint, unit, Docker, lab end-to-end, molecule
+# The lab's chain (converge, end-to-end checks) and the other Docker chain (labqd/exporter tests, then the
+# molecule scenarios) run side by side: they share only the lab network and the apt proxy, and much of
+# each is waiting on apt, systemd and SSH. The lab's hosts start first, so they take their fixed
+# addresses before molecule's instances take theirs (from the network's dynamic range).
+test: lint unit ## everything CI runs: lint, unit, then lab end-to-end beside Docker tests and molecule
+	$(MAKE) --no-print-directory lab-up
+	$(MAKE) --no-print-directory -j2 e2e docker-then-molecule
+
+docker-then-molecule: ## the Docker tests, then every molecule scenario (the half of `make test` beside e2e)
+	$(MAKE) --no-print-directory pytest-docker
+	$(MAKE) --no-print-directory molecule
 
 quick: lint unit ## the fast loop: linters and unit tests (no Docker needed)
 
@@ -80,8 +90,9 @@ molecule: lab-infra ## every role's molecule scenario (converge, idempotence, ve
 	$(MAKE) --no-print-directory -j$(MOLECULE_JOBS) --output-sync=target $(addprefix molecule-,$(ROLES_WITH_MOLECULE))
 
 molecule-%: lab-infra ## one role's molecule scenario, e.g. make molecule-common
-	proxy=$$($(LABCTL) proxy-url) && cd roles/$* && \
-	  LABKIT_MOLECULE_INSTANCE=molecule-$* LABKIT_APT_PROXY=$$proxy molecule test
+	start=$$(date +%s) && proxy=$$($(LABCTL) proxy-url) && cd roles/$* && \
+	  LABKIT_MOLECULE_INSTANCE=molecule-$* LABKIT_APT_PROXY=$$proxy molecule test && \
+	  echo "==> molecule-$*: passed in $$(( $$(date +%s) - start )) s"
 
 test-nfs-vm: host venv ## opt-in, not in `make test`: the NFS roles on two QEMU VMs with real kernel NFS (~11 min)
 	tests/nfs_vm/host-setup.sh

@@ -89,6 +89,13 @@ def gateway() -> str:
     return SUBNET.rsplit(".", 1)[0] + ".1"
 
 
+def dynamic_range() -> str:
+    """The upper half of the lab subnet, where Docker picks addresses for molecule's instances; the lab's
+    hosts have fixed ones below it, so a host stopped by a test (its address released) gets it back on
+    start even while molecule scenarios create instances beside the lab."""
+    return SUBNET.rsplit(".", 1)[0] + ".128/25"
+
+
 def apt_proxy_url() -> str:
     """What lab hosts put in their apt proxy setting."""
     return f"http://{gateway()}:{PROXY_PORT}"
@@ -244,13 +251,22 @@ def ensure_network(client: Any) -> None:
     import docker
 
     try:
-        client.networks.get(NETWORK)
-        return
+        network = client.networks.get(NETWORK)
     except docker.errors.NotFound:
-        pass
-    ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=SUBNET, gateway=gateway())])
+        network = None
+    if network is not None:
+        pools = network.attrs.get("IPAM", {}).get("Config") or [{}]
+        if pools[0].get("IPRange") == dynamic_range():
+            return
+        if network.attrs.get("Containers"):  # in use: keep it, say how to get the range
+            log(f"network {NETWORK} has no dynamic range {dynamic_range()} yet: `make lab-down` renews it")
+            return
+        network.remove()
+        log(f"network {NETWORK} recreated with the dynamic range {dynamic_range()}")
+    pool = docker.types.IPAMPool(subnet=SUBNET, gateway=gateway(), iprange=dynamic_range())
+    ipam = docker.types.IPAMConfig(pool_configs=[pool])
     client.networks.create(NETWORK, driver="bridge", ipam=ipam, labels={LAB_LABEL: "network"})
-    log(f"network {NETWORK} ({SUBNET}) created")
+    log(f"network {NETWORK} ({SUBNET}, instances from {dynamic_range()}) created")
 
 
 def proxy_running() -> bool:
