@@ -23,15 +23,8 @@ def daemon_json(host_exec, host: str = "gpu01") -> str:
     return host_exec(host, "cat", "/etc/docker/daemon.json").stdout
 
 
-@pytest.fixture(scope="module")
-def converged(second_run):
-    """site.yml's second run on the lab `make lab` converged (it imports gpu_nodes.yml); test_lab_common
-    checks it changed nothing. Its output holds the GPU roles' warnings checked below."""
-    return second_run
-
-
 @pytest.mark.parametrize("host", NODES)
-def test_engine_runs_a_container_from_a_locally_imported_image(converged, host_exec, host):
+def test_engine_runs_a_container_from_a_locally_imported_image(second_run, host_exec, host):
     # An image made on the node itself (dash and its libraries): no registry is involved.
     made = host_exec(
         host,
@@ -49,7 +42,7 @@ def test_engine_runs_a_container_from_a_locally_imported_image(converged, host_e
     assert run.stdout.split()[-1] != host, "the command ran on the node, not in a container"
 
 
-def test_engine_settings_in_force(converged, host_exec):
+def test_engine_settings_in_force(second_run, host_exec):
     info = json.loads(host_exec("gpu01", "docker", "info", "--format", "{{json .}}").stdout)
     assert info["Driver"] == "vfs"
     assert info["LoggingDriver"] == "json-file"
@@ -60,14 +53,14 @@ def test_engine_settings_in_force(converged, host_exec):
     assert bridge.stdout.strip() == "10.250.0.0/24", "docker0 must come from the pool, not 172.17.0.0/16"
 
 
-def test_only_the_listed_admin_may_use_the_engine(converged, lab, host_exec):
+def test_only_the_listed_admin_may_use_the_engine(second_run, lab, host_exec):
     admin = ssh(lab["gpu01"]["address"], "labadmin", "docker", "version", "--format", "{{.Server.Version}}")
     assert admin.returncode == 0, admin.stderr
     other = host_exec("gpu01", "docker", "ps", user="nobody")
     assert other.returncode != 0 and "permission denied" in other.stderr
 
 
-def test_docker_group_is_exactly_the_admin_list(converged, host_exec):
+def test_docker_group_is_exactly_the_admin_list(second_run, host_exec):
     host_exec("gpu01", "useradd", "--no-create-home", "labkit-intruder")
     try:
         assert host_exec("gpu01", "gpasswd", "-a", "labkit-intruder", "docker").returncode == 0
@@ -101,7 +94,7 @@ def test_docker_group_is_exactly_the_admin_list(converged, host_exec):
         "foreign-key",
     ],
 )
-def test_bad_docker_input_is_refused_before_any_change(converged, host_exec, extra, variable):
+def test_bad_docker_input_is_refused_before_any_change(second_run, host_exec, extra, variable):
     before = daemon_json(host_exec)
     # The first case runs the whole playbook (the preflight comes before any change); the others
     # only the preflight, which is all that runs before a refusal anyway.
@@ -128,7 +121,7 @@ def driver_state(host_exec, host: str = "gpu01") -> str:
 
 
 @pytest.mark.parametrize("host", NODES)
-def test_driver_branch_is_installed_held_and_pinned(converged, host_exec, host):
+def test_driver_branch_is_installed_held_and_pinned(second_run, host_exec, host):
     version = host_exec(host, "dpkg-query", "-W", "-f", "${Version}", "nvidia-driver").stdout
     assert version.startswith("535."), version
     holds = host_exec(host, "apt-mark", "showhold").stdout.split()
@@ -137,26 +130,26 @@ def test_driver_branch_is_installed_held_and_pinned(converged, host_exec, host):
     assert re.search(r"\*\*\* 535\.\S+ 1001", policy), policy
 
 
-def test_apt_refuses_to_change_the_held_driver(converged, host_exec):
+def test_apt_refuses_to_change_the_held_driver(second_run, host_exec):
     # What an unattended `apt-get -y` would run into: held packages are not changed without an override.
     sim = host_exec("gpu01", "apt-get", "-s", "-y", "remove", "nvidia-smi")
     assert sim.returncode != 0
     assert "Held packages were changed" in sim.stderr, sim.stdout + sim.stderr
 
 
-def test_nouveau_is_blacklisted_and_no_unit_failed(converged, host_exec):
+def test_nouveau_is_blacklisted_and_no_unit_failed(second_run, host_exec):
     config = host_exec("gpu01", "modprobe", "--showconfig").stdout.splitlines()
     assert "blacklist nouveau" in config
     failed = host_exec("gpu01", "systemctl", "list-units", "--state=failed", "--no-legend", "--plain")
     assert "nvidia" not in failed.stdout, failed.stdout
 
 
-def test_nvidia_smi_runs_and_reports_no_driver_without_a_gpu(converged, host_exec):
+def test_nvidia_smi_runs_and_reports_no_driver_without_a_gpu(second_run, host_exec):
     smi = host_exec("gpu01", "nvidia-smi")
     assert smi.returncode != 0 and "NVIDIA driver" in smi.stdout, smi.stdout + smi.stderr
 
 
-def test_node_without_gpu_is_skipped_with_a_message(converged, host_exec):
+def test_node_without_gpu_is_skipped_with_a_message(second_run, host_exec):
     before = driver_state(host_exec)
     run = run_playbook(
         "gpu_nodes.yml",
@@ -184,7 +177,7 @@ def test_node_without_gpu_is_skipped_with_a_message(converged, host_exec):
     ],
     ids=["unknown-source", "branch-word", "branch-full-version", "branch-two-digits", "ubuntu-on-debian"],
 )
-def test_bad_driver_input_is_refused_before_any_change(converged, host_exec, extra, message):
+def test_bad_driver_input_is_refused_before_any_change(second_run, host_exec, extra, message):
     before = driver_state(host_exec)
     tags = () if extra.get("nvidia_driver_branch") == "535.54" else ("--tags", "preflight")
     run = run_playbook("gpu_nodes.yml", "-l", "gpu01", *tags, "-e", json.dumps(extra))
@@ -197,13 +190,13 @@ def test_bad_driver_input_is_refused_before_any_change(converged, host_exec, ext
 # --- nvidia_container_toolkit (TEST MODE in the lab: no nvidia-ctk, the runtime entry points at runc) ------
 
 
-def test_toolkit_says_what_it_does_not_do_here(converged):
-    assert "nvidia_container_toolkit_install is false" in converged.output
-    assert "TEST MODE" in converged.output
+def test_toolkit_says_what_it_does_not_do_here(second_run):
+    assert "nvidia_container_toolkit_install is false" in second_run.output
+    assert "TEST MODE" in second_run.output
 
 
 @pytest.mark.parametrize("host", NODES)
-def test_docker_reports_the_nvidia_runtime(converged, host_exec, host):
+def test_docker_reports_the_nvidia_runtime(second_run, host_exec, host):
     info = json.loads(host_exec(host, "docker", "info", "--format", "{{json .}}").stdout)
     assert info["Runtimes"]["nvidia"]["path"] == "/usr/bin/runc"
     assert info["DefaultRuntime"] == "runc"
@@ -211,7 +204,7 @@ def test_docker_reports_the_nvidia_runtime(converged, host_exec, host):
     assert info["Driver"] == "vfs" and info["LiveRestoreEnabled"] is True
 
 
-def test_container_runs_through_the_nvidia_runtime_entry(converged, host_exec):
+def test_container_runs_through_the_nvidia_runtime_entry(second_run, host_exec):
     host_exec(
         "gpu01",
         "bash",
@@ -225,7 +218,7 @@ def test_container_runs_through_the_nvidia_runtime_entry(converged, host_exec):
     assert run.returncode == 0 and run.stdout.strip() == "via-nvidia", run.stderr
 
 
-def test_docker_role_leaves_nvidia_ctk_formatting_alone(converged, host_exec):
+def test_docker_role_leaves_nvidia_ctk_formatting_alone(second_run, host_exec):
     # nvidia-ctk writes daemon.json with its own layout; the docker role compares data, not text.
     reformat = host_exec(
         "gpu01",
@@ -259,7 +252,7 @@ def test_docker_role_leaves_nvidia_ctk_formatting_alone(converged, host_exec):
     ],
     ids=["test-mode-with-packages", "bad-repo-url", "bad-bool"],
 )
-def test_bad_toolkit_input_is_refused_before_any_change(converged, host_exec, extra, message):
+def test_bad_toolkit_input_is_refused_before_any_change(second_run, host_exec, extra, message):
     before = daemon_json(host_exec)
     run = run_playbook("gpu_nodes.yml", "-l", "gpu01", "--tags", "preflight", "-e", json.dumps(extra))
     assert run.rc != 0
@@ -271,8 +264,8 @@ def test_bad_toolkit_input_is_refused_before_any_change(converged, host_exec, ex
 # --- dcgm_exporter (no GPU in the lab: skipped with a message) -----------------------------------------
 
 
-def test_exporter_is_skipped_with_a_message_without_a_gpu(converged, host_exec):
-    assert "skipping the GPU exporter" in converged.output
+def test_exporter_is_skipped_with_a_message_without_a_gpu(second_run, host_exec):
+    assert "skipping the GPU exporter" in second_run.output
     unit = host_exec("gpu01", "systemctl", "cat", "dcgm-exporter")
     assert unit.returncode != 0, unit.stdout
     listening = host_exec("gpu01", "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9400")
@@ -291,7 +284,7 @@ def test_exporter_is_skipped_with_a_message_without_a_gpu(converged, host_exec):
     ],
     ids=["unpinned-image", "unknown-backend", "bad-counter"],
 )
-def test_bad_exporter_input_is_refused(converged, extra, message):
+def test_bad_exporter_input_is_refused(second_run, extra, message):
     run = run_playbook("gpu_nodes.yml", "-l", "gpu01", "--tags", "preflight", "-e", json.dumps(extra))
     assert run.rc != 0
     assert message in run.output, run.output[-3000:]

@@ -104,13 +104,7 @@ def passwd_over_ssh(address: str, old: str, new: str) -> str:
     return seen
 
 
-@pytest.fixture(scope="module")
-def identity(second_run):
-    """site.yml's second run (it imports identity.yml; test_lab_common checks it changed nothing)."""
-    return second_run
-
-
-def test_alice_resolves_on_the_nodes(identity, host_exec):
+def test_alice_resolves_on_the_nodes(second_run, host_exec):
     for host in ("gpu01", "gpu02"):
         out = host_exec(host, "getent", "passwd", "alice")
         assert out.stdout.strip() == "alice:*:20001:10000:Alice Liddell:/home/alice:/bin/bash", out
@@ -118,7 +112,7 @@ def test_alice_resolves_on_the_nodes(identity, host_exec):
         assert sorted(groups) == ["lab-admins", "lab-members"]
 
 
-def test_alice_logs_in_with_her_key_from_ldap_and_a_wrong_key_fails(identity, lab, tmp_path):
+def test_alice_logs_in_with_her_key_from_ldap_and_a_wrong_key_fails(second_run, lab, tmp_path):
     address = lab["gpu01"]["address"]
     login = ssh(address, "alice", "id -un; stat -c %U $HOME")
     assert login.returncode == 0, login.stderr
@@ -129,7 +123,7 @@ def test_alice_logs_in_with_her_key_from_ldap_and_a_wrong_key_fails(identity, la
     assert wrong.returncode == 255 and "Permission denied" in wrong.stderr
 
 
-def test_anonymous_ldapsearch_reads_no_password(identity, host_exec):
+def test_anonymous_ldapsearch_reads_no_password(second_run, host_exec):
     anon = host_exec(
         "gpu01", "ldapsearch", "-LLL", "-x", "-H", LDAP_URI, "-b", BASE, "(objectClass=*)", "*", "+"
     )
@@ -152,7 +146,7 @@ def test_anonymous_ldapsearch_reads_no_password(identity, host_exec):
     assert plain.returncode == 13 and "onfidentiality required" in plain.stderr
 
 
-def test_alice_changes_her_password_with_passwd(identity, lab, host_exec):
+def test_alice_changes_her_password_with_passwd(second_run, lab, host_exec):
     set_password_as_admin(host_exec, "Initial-Lab-Pw-4417")
     transcript = passwd_over_ssh(lab["gpu01"]["address"], "Initial-Lab-Pw-4417", "Changed-By-Herself-8832")
     assert re.search(r"current password", transcript, re.I), transcript
@@ -161,7 +155,7 @@ def test_alice_changes_her_password_with_passwd(identity, lab, host_exec):
     assert not binds_as_alice(host_exec, "Initial-Lab-Pw-4417")
 
 
-def test_sudo_for_the_admin_group_only(identity, lab, host_exec):
+def test_sudo_for_the_admin_group_only(second_run, lab, host_exec):
     set_password_as_admin(host_exec, "Sudo-Lab-Pw-1290")
     address = lab["gpu01"]["address"]
     alice = subprocess.run(
@@ -184,7 +178,7 @@ BAD_MEMBERS = [
 
 
 @pytest.mark.parametrize(("members", "named"), BAD_MEMBERS)
-def test_bad_members_are_rejected_before_any_change(identity, host_exec, members, named):
+def test_bad_members_are_rejected_before_any_change(second_run, host_exec, members, named):
     before = directory_checksum(host_exec)
     run = run_playbook("users.yml", "-e", json.dumps({"lab_users": members}))
     assert run.rc != 0
@@ -194,7 +188,7 @@ def test_bad_members_are_rejected_before_any_change(identity, host_exec, members
     assert directory_checksum(host_exec) == before
 
 
-def test_absent_member_cannot_log_in_and_keeps_her_files(identity, lab, host_exec):
+def test_absent_member_cannot_log_in_and_keeps_her_files(second_run, lab, host_exec):
     address = lab["gpu01"]["address"]
     wrote = ssh(address, "alice", "echo thesis-draft > ~/keep.txt")
     assert wrote.returncode == 0, wrote.stderr
@@ -216,7 +210,7 @@ def test_absent_member_cannot_log_in_and_keeps_her_files(identity, lab, host_exe
     assert again.returncode == 0 and again.stdout == "thesis-draft\n", again.stderr
 
 
-def test_nightly_backup_holds_the_members(identity, host_exec):
+def test_nightly_backup_holds_the_members(second_run, host_exec):
     timer = host_exec("infra01", "systemctl", "is-enabled", "labkit-ldap-backup.timer")
     assert timer.stdout.strip() == "enabled"
     run = host_exec("infra01", "systemctl", "start", "labkit-ldap-backup.service")

@@ -35,13 +35,7 @@ rm -rf "$root"
 
 
 @pytest.fixture(scope="module")
-def converged(second_run):
-    """site.yml's second run (it imports job_queue.yml; test_lab_common checks it changed nothing)."""
-    return second_run
-
-
-@pytest.fixture(scope="module")
-def image(converged, host_exec):
+def image(second_run, host_exec):
     for node in NODES:
         out = host_exec(node, "bash", "-c", IMPORT_IMAGE)
         assert out.returncode == 0, out.stderr
@@ -218,7 +212,7 @@ def config(host_exec) -> str:
         "max-gpus-type",
     ],
 )
-def test_bad_job_queue_input_is_refused_before_any_change(converged, host_exec, extra, variable):
+def test_bad_job_queue_input_is_refused_before_any_change(second_run, host_exec, extra, variable):
     before = config(host_exec)
     run = run_playbook("job_queue.yml", "-l", "gpu01", "-e", json.dumps(extra))
     assert run.rc != 0

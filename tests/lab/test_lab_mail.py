@@ -29,13 +29,6 @@ smtp_sink = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(smtp_sink)
 
 
-@pytest.fixture(scope="module")
-def converged(second_run):
-    """site.yml's second run (mail_relay runs in its identity.yml; test_lab_common checks it changed
-    nothing)."""
-    return second_run
-
-
 @pytest.fixture
 def sink(tmp_path):
     """The smarthost: a test SMTP sink on the lab gateway, stopped after the test (or 5 minutes)."""
@@ -65,7 +58,7 @@ def arrived(spool: Path, token: str, timeout: float = 90) -> list[dict]:
     return []
 
 
-def test_mail_to_root_on_a_node_reaches_the_admins_through_the_smarthost(converged, host_exec, sink):
+def test_mail_to_root_on_a_node_reaches_the_admins_through_the_smarthost(second_run, host_exec, sink):
     token = f"labkit-mail-{uuid.uuid4().hex[:12]}"
     sent = subprocess_run(host_exec, "gpu01", f"echo 'disk almost full' | mail -s {token} root")
     assert sent.returncode == 0, sent.stderr
@@ -79,7 +72,7 @@ def test_mail_to_root_on_a_node_reaches_the_admins_through_the_smarthost(converg
     assert "by infra01.lab.test" in messages[0]["data"]  # it went through infra01
 
 
-def test_cron_output_reaches_the_admins(converged, host_exec, sink):
+def test_cron_output_reaches_the_admins(second_run, host_exec, sink):
     token = f"labkit-cron-{uuid.uuid4().hex[:12]}"
     job = f"printf 'To: cron\\nSubject: Cron <root@gpu02> {token}\\n\\noutput\\n' | /usr/sbin/sendmail -t"
     assert subprocess_run(host_exec, "gpu02", job).returncode == 0
@@ -88,7 +81,7 @@ def test_cron_output_reaches_the_admins(converged, host_exec, sink):
     assert messages and messages[0]["to"] == ["admins@lab.test"]
 
 
-def test_relay_is_refused_for_a_client_outside_the_cluster(converged, lab):
+def test_relay_is_refused_for_a_client_outside_the_cluster(second_run, lab):
     # This machine (the lab gateway) is not one of the cluster's hosts: infra01 must not relay for it.
     with smtplib.SMTP(lab["infra01"]["address"], 25, timeout=20) as smtp:
         smtp.ehlo("stranger.test")
@@ -97,7 +90,7 @@ def test_relay_is_refused_for_a_client_outside_the_cluster(converged, lab):
     assert code == 554 and b"Relay access denied" in message
 
 
-def test_a_node_takes_no_mail_from_the_network(converged, lab):
+def test_a_node_takes_no_mail_from_the_network(second_run, lab):
     with pytest.raises(OSError):
         smtplib.SMTP(lab["gpu01"]["address"], 25, timeout=10)
 

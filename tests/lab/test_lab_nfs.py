@@ -39,13 +39,7 @@ def fingerprint(host_exec, host: str) -> str:
     return out.stdout
 
 
-@pytest.fixture(scope="module")
-def converged(second_run):
-    """site.yml's second run (it imports nfs.yml; test_lab_common checks it changed nothing)."""
-    return second_run
-
-
-def test_infra01_exports_homes_and_data_to_the_cluster_only_with_root_squash(converged, host_exec):
+def test_infra01_exports_homes_and_data_to_the_cluster_only_with_root_squash(second_run, host_exec):
     exports = host_exec("infra01", "exportfs", "-v")
     assert exports.returncode == 0, exports.stderr
     tokens = exports.stdout.split()  # `path client(options)` per export and client, wrapped or not
@@ -61,13 +55,13 @@ def test_infra01_exports_homes_and_data_to_the_cluster_only_with_root_squash(con
     assert host_exec("infra01", "systemctl", "is-system-running").stdout.strip() == "running"
 
 
-def test_members_have_homes_on_the_nfs_server(converged, host_exec):
+def test_members_have_homes_on_the_nfs_server(second_run, host_exec):
     for name, uid in (("alice", "20001"), ("bob", "20002")):
         owner = host_exec("infra01", "stat", "-c", "%u", f"/home/{name}").stdout.strip()
         assert owner == uid, f"/home/{name} on infra01"
 
 
-def test_users_playbook_makes_new_homes_on_the_server_and_leaves_existing_ones(converged, host_exec):
+def test_users_playbook_makes_new_homes_on_the_server_and_leaves_existing_ones(second_run, host_exec):
     # Homes made in a scratch directory inside an export, so the lab's real homes stay as they are.
     base = "/srv/data/.labkit-test-homes"
     host_exec("infra01", "rm", "-rf", base)
@@ -93,7 +87,7 @@ def test_users_playbook_makes_new_homes_on_the_server_and_leaves_existing_ones(c
 
 
 @pytest.mark.parametrize("node", NODES)
-def test_nodes_have_the_maps_autofs_would_use(converged, host_exec, node):
+def test_nodes_have_the_maps_autofs_would_use(second_run, host_exec, node):
     dump = host_exec(node, "automount", "-m")
     assert dump.returncode == 0, dump.stderr
     text = dump.stdout
@@ -103,7 +97,7 @@ def test_nodes_have_the_maps_autofs_would_use(converged, host_exec, node):
     assert f"/data | {OPTIONS} infra01:/srv/data" in text, text
 
 
-def test_homes_stay_local_in_the_lab_and_everyone_still_logs_in(converged, host_exec, lab):
+def test_homes_stay_local_in_the_lab_and_everyone_still_logs_in(second_run, host_exec, lab):
     for node in NODES:
         assert host_exec(node, "systemctl", "is-enabled", "autofs").stdout.strip() == "masked"
         assert host_exec(node, "findmnt", "-n", "-t", "autofs,nfs,nfs4").stdout == ""
@@ -146,7 +140,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("extra_vars", "named"), BAD_INPUTS)
-def test_bad_input_is_rejected_by_name_and_changes_nothing(converged, host_exec, extra_vars, named):
+def test_bad_input_is_rejected_by_name_and_changes_nothing(second_run, host_exec, extra_vars, named):
     before = {h: fingerprint(host_exec, h) for h in HOSTS}
     run = run_playbook("nfs.yml", "-e", json.dumps(extra_vars))
     if run.rc == 0:  # accepted: put the shared lab back (autofs masked) before failing
@@ -158,7 +152,7 @@ def test_bad_input_is_rejected_by_name_and_changes_nothing(converged, host_exec,
     assert {h: fingerprint(host_exec, h) for h in HOSTS} == before
 
 
-def test_unreachable_server_fails_clearly_before_any_change(converged, host_exec):
+def test_unreachable_server_fails_clearly_before_any_change(second_run, host_exec):
     # nfsd does not run on infra01 in the lab: exactly what a node sees when the server is down.
     before = {h: fingerprint(host_exec, h) for h in NODES}
     run = run_playbook("nfs.yml", "-l", "nfs_clients", "-e", json.dumps({"nfs_client_check_server": True}))
@@ -170,7 +164,7 @@ def test_unreachable_server_fails_clearly_before_any_change(converged, host_exec
     assert {h: fingerprint(host_exec, h) for h in NODES} == before
 
 
-def test_local_account_under_home_is_named_and_nothing_changes(converged, host_exec):
+def test_local_account_under_home_is_named_and_nothing_changes(second_run, host_exec):
     host_exec("gpu02", "useradd", "-u", "1500", "-m", "-d", "/home/mallory", "mallory")
     try:
         before = fingerprint(host_exec, "gpu02")
