@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except CliError as exc:
-        print(f"labq: {exc}", file=sys.stderr)
+        from .display import safe
+
+        print(f"labq: {safe(exc)}", file=sys.stderr)
         return exc.code
     except BrokenPipeError:
         return EXIT_OK
@@ -222,6 +224,7 @@ def _elapsed(job: dict[str, Any], now: float) -> float:
 
 
 def _table(jobs: list[dict[str, Any]], now: float, finished: bool = False) -> None:
+    from .display import safe
     from .durations import format_duration
 
     head = ("ID", "USER", "STATE", "GPUS", "RUN TIME" if finished else "TIME", "NAME",
@@ -233,8 +236,8 @@ def _table(jobs: list[dict[str, Any]], now: float, finished: bool = False) -> No
             j.get("reason") or "")
         if finished and j.get("reason"):
             last = f"{last} {j['reason']}"
-        rows.append((str(j["id"]), j["user"], j["state"].upper(), str(j["gpus"]),
-                     format_duration(_elapsed(j, now)), name, last))
+        rows.append((str(j["id"]), safe(j["user"]), j["state"].upper(), str(j["gpus"]),
+                     format_duration(_elapsed(j, now)), safe(name), safe(last)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
     out = [" ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + " " + r[-1] for r in rows]
     sys.stdout.write("\n".join(line.rstrip() for line in out) + "\n")
@@ -262,6 +265,7 @@ def cmd_show(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
     import shlex
     import time
 
+    from .display import safe
     from .durations import format_duration
 
     job = client.call("show", id=args.id)
@@ -289,7 +293,7 @@ def cmd_show(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
         ("oom killed", "yes" if job["oom_killed"] else "no"), ("log", job["log"]),
     ]
     for key, value in fields:
-        print(f"{key + ':':<12} {value}")
+        print(f"{key + ':':<12} {safe(value)}")
     return EXIT_OK
 
 
@@ -341,22 +345,24 @@ def _ids_command(op: str) -> Command:
 
 
 def cmd_gpus(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
+    from .display import safe
+
     res = client.call("gpus")
     if args.json:
         _print_json(res["gpus"])
         return EXIT_OK
     for g in res["gpus"]:
         if g["state"] == "job":
-            what = f"job {g['job']} ({g['user']})"
+            what = f"job {g['job']} ({safe(g['user'])})"
         elif g["state"] == "foreign":
             procs = ", ".join(
-                f"pid {p['pid']} of {p['user']}"
+                f"pid {p['pid']} of {safe(p['user'])}"
                 + (f" {p['memory_bytes'] // 2**20} MiB" if p["memory_bytes"] is not None else "")
                 for p in g["foreign"])
             what = f"BUSY outside labq: {procs}"
         else:
             what = "free"
-        print(f"{g['index']:<3} {g['id']:<40} {what}")
+        print(f"{g['index']:<3} {safe(g['id']):<40} {what}")
     return EXIT_OK
 
 

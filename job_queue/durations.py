@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 
 _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-_PART = re.compile(r"(\d+)([dhms])")
-_FULL = re.compile(r"(?:\d+[dhms])+")
-_CLOCK = re.compile(r"(\d+):([0-5]\d)(?::([0-5]\d))?")
+# ASCII digits only: ``\d`` would also match digits such as "²" that int() refuses.
+_PART = re.compile(r"([0-9]+)([dhms])")
+_FULL = re.compile(r"(?:[0-9]+[dhms])+")
+_CLOCK = re.compile(r"([0-9]+):([0-5][0-9])(?::([0-5][0-9]))?")
+_MAX_TEXT = 64
+"""Longer inputs are refused before any number is converted (int() refuses over 4,300 digits)."""
 
 #: Upper bound for any duration we accept (one year); protects arithmetic and SQLite.
 MAX_SECONDS = 366 * 86400
@@ -26,8 +29,10 @@ def parse_duration(text: str) -> int:
     s = text.strip().lower()
     if not s:
         raise DurationError("empty duration")
+    if len(s) > _MAX_TEXT:
+        raise DurationError(f"duration '{text[:20]}...' is longer than {_MAX_TEXT} characters")
     total: int
-    if s.isdigit():
+    if s.isascii() and s.isdigit():
         total = int(s)
     elif _FULL.fullmatch(s):
         total = 0
@@ -65,13 +70,16 @@ class SizeError(ValueError):
     """Raised for a memory size string that cannot be parsed."""
 
 
-_SIZE = re.compile(r"(\d+)([kmgt]?)(i?b?)")
+_SIZE = re.compile(r"([0-9]+)([kmgt]?)(i?b?)")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 def parse_size(text: str) -> int:
     """Parse a memory size such as ``16g``, ``512M`` or ``2GiB`` into bytes (binary units)."""
-    m = _SIZE.fullmatch(text.strip().lower())
+    s = text.strip().lower()
+    if len(s) > _MAX_TEXT:
+        raise SizeError(f"size '{text[:20]}...' is longer than {_MAX_TEXT} characters")
+    m = _SIZE.fullmatch(s)
     if m is None:
         raise SizeError(f"invalid size '{text}' (use e.g. 512m, 16g)")
     value = int(m.group(1)) * _SIZE_UNITS[m.group(2)]

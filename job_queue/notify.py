@@ -164,20 +164,25 @@ class Message:
 
 
 def build_message(event: str, job: Job, host: str, log_tail: list[str]) -> Message:
+    """The notification; user-controlled text in ``subject``, ``text`` and ``log_tail`` has its
+    control characters escaped (``job`` keeps the exact values)."""
+    from .display import safe
+
     s = job.spec
     what = {"started": "started", "finished": "finished", "failed": "FAILED"}[event]
-    subject = f"labq job {job.id} ({s.name}) {what} on {host}"
+    subject = f"labq job {job.id} ({safe(s.name)}) {what} on {safe(host)}"
     lines = [subject]
     if event != "started":
         lines.append(f"state: {job.state.value}, exit code: {job.exit_code}, "
                      f"OOM killed: {'yes' if job.oom_killed else 'no'}")
         if job.reason:
-            lines.append(f"reason: {job.reason}")
-    lines.append(f"GPUs: {', '.join(job.assigned_gpus) or 'none'}; image: {s.image}")
+            lines.append(f"reason: {safe(job.reason)}")
+    lines.append(f"GPUs: {safe(', '.join(job.assigned_gpus) or 'none')}; image: {safe(s.image)}")
     text = "\n".join(lines)
     summary = {"id": job.id, "name": s.name, "user": s.user, "state": job.state.value, "host": host,
                "exit_code": job.exit_code, "oom_killed": job.oom_killed, "reason": job.reason}
-    return Message(event=event, job=summary, subject=subject, text=text, log_tail=log_tail)
+    tail = [safe(line, keep="\t") for line in log_tail]
+    return Message(event=event, job=summary, subject=subject, text=text, log_tail=tail)
 
 
 def _slack_text(msg: Message) -> str:

@@ -276,6 +276,8 @@ def decode_request(raw: bytes, max_bytes: int = 1024 * 1024) -> Request:
         data = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise invalid("request: malformed JSON") from exc
+    except ValueError as exc:  # an integer of more than 4,300 digits (int() refuses it)
+        raise invalid("request: a number in it has too many digits") from exc
     return validate_request(data)
 
 

@@ -17,6 +17,8 @@ import sys
 import threading
 from typing import Any
 
+from .display import safe
+
 NODES_ENV = "LABQ_NODES"
 SSH_ENV = "LABQ_SSH"
 EXIT_UNREACHABLE = 6
@@ -120,11 +122,11 @@ def ls_all_nodes(nodes: list[str], user: str | None, as_json: bool) -> int:
         rows = [("NODE", "ID", "USER", "STATE", "GPUS", "NAME", "REASON")]
         for n in nodes:
             for j in results.get(n, []):
-                rows.append((n, str(j["id"]), j["user"], j["state"].upper(), str(j["gpus"]), j["name"],
-                             j.get("reason") or ""))
+                rows.append((safe(n), str(j["id"]), safe(j["user"]), safe(j["state"]).upper(), str(j["gpus"]),
+                             safe(j["name"]), safe(j.get("reason") or "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     for node, err in sorted(errors.items()):
-        print(f"labq: {node}: {err}", file=sys.stderr)
+        print(f"labq: {safe(node)}: {safe(err)}", file=sys.stderr)
     return EXIT_UNREACHABLE if errors else 0

@@ -332,3 +332,30 @@ def shared_labqd(test_image: str, users: dict[str, Any]) -> Iterator[Labqd]:
     d = _new_labqd()
     yield d
     _dispose(d)
+
+
+class FakeBackend:
+    """The daemon side of Service (wake, stops, images, GPUs) for tests without Docker."""
+
+    def __init__(self) -> None:
+        self.woken = 0
+        self.stops: list[int] = []
+        self.report: list[dict[str, Any]] = []
+
+    def wake(self) -> None:
+        self.woken += 1
+
+    def request_stop(self, job_id: int) -> None:
+        self.stops.append(job_id)
+
+    def image_exists(self, image: str) -> bool:
+        return image.startswith("ok")
+
+    def gpu_ids(self) -> list[str]:
+        return ["g0", "g1"]
+
+    def gpu_report(self) -> list[dict[str, Any]]:
+        return self.report
+
+    def wait_log(self, job_id: int, timeout: float) -> None:
+        pass

@@ -6,36 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from labq_helpers import FakeBackend
 
 from job_queue.config import parse_config
 from job_queue.identity import Caller
 from job_queue.protocol import ErrorCode, ProtocolError, validate_request
 from job_queue.service import Service
 from job_queue.store import SqliteStore
-
-
-class Backend:
-    def __init__(self) -> None:
-        self.woken = 0
-        self.stops: list[int] = []
-
-    def wake(self) -> None:
-        self.woken += 1
-
-    def request_stop(self, job_id: int) -> None:
-        self.stops.append(job_id)
-
-    def image_exists(self, image: str) -> bool:
-        return image.startswith("ok")
-
-    def gpu_ids(self) -> list[str]:
-        return ["g0", "g1"]
-
-    def gpu_report(self) -> list[dict[str, Any]]:
-        return []
-
-    def wait_log(self, job_id: int, timeout: float) -> None:
-        pass
 
 
 def caller(user: str = "alice", uid: int = 1000, home: str = "/home/alice", admin: bool = False) -> Caller:
@@ -46,7 +23,7 @@ def caller(user: str = "alice", uid: int = 1000, home: str = "/home/alice", admi
 def service(tmp_path: Path) -> Service:
     cfg = parse_config({"gpus": ["g0", "g1"], "default_image": "ok:1", "allowed_images": ["ok*"],
                         "node_cpus": 4, "node_mem_bytes": 2**30})
-    return Service(cfg, SqliteStore(str(tmp_path / "q.db")), Backend(), clock=lambda: 50.0)
+    return Service(cfg, SqliteStore(str(tmp_path / "q.db")), FakeBackend(), clock=lambda: 50.0)
 
 
 def submit(service: Service, who: Caller, **fields: Any) -> Any:
