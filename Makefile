@@ -16,7 +16,7 @@ export LABKIT_ROOT := $(ROOT)
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 
 .PHONY: help host venv lab lab-image lab-infra lab-up lab-converge lab-status lab-down \
-        test quick lint unit pytest-docker e2e docker-then-molecule molecule molecule-% test-nfs-vm bench clean
+        test quick lint unit pytest-docker e2e docker-then-molecule molecule molecule-% test-nfs-vm bench gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -102,6 +102,9 @@ test-nfs-vm: host venv ## opt-in, not in `make test`: the NFS roles on two QEMU 
 
 bench: venv ## benchmarks: print ratios measured in one run (not part of `make test`)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+gpu-check: venv ## on a node with an NVIDIA GPU: labkit's GPU parts against the device (docs/gpu-check.md)
+	$(PY) tests/gpu_check/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean: ## remove caches (not the lab)
 	rm -rf .cache .pytest_cache .mypy_cache .ruff_cache
