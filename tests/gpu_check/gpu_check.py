@@ -657,7 +657,9 @@ def _run_job(d: Any, gpus: int, command: list[str], image: str) -> tuple[dict[st
     if sub.returncode != 0:
         raise CheckError(f"labq submit --gpus {gpus} exited {sub.returncode}: {sub.stderr.strip()[:300]}")
     job_id = int(json.loads(sub.stdout)["ids"][0])
-    job = d.wait_state(job_id, ("done", "failed", "cancelled", "timeout", "lost"), timeout=180)
+    from job_queue.models import FINAL_STATES
+
+    job = d.wait_state(job_id, tuple(str(st.value) for st in FINAL_STATES), timeout=120)
     logs = d.labq("logs", str(job_id))
     return job, logs.stdout
 
@@ -704,7 +706,7 @@ def check_containers(m: Machine, image: str) -> list[Row]:
             )
         else:
             rows.append(Row(name, FAIL, f"job {job0['id']} sees: {out0.strip()[:300]}"))
-        rows.append(check_compute(d, image))
+        _attempt(rows, "computation on the job's GPU", lambda: check_compute(d, image))
     return rows
 
 
@@ -804,24 +806,27 @@ def run_checks(opts: Options, work: Path) -> list[Row]:
     _attempt(rows, "nvidia_driver role check", lambda: check_driver_role(m, work))
     docker_missing = "not asked to use Docker (--no-docker)" if not opts.docker else docker_engine()
     image = None if docker_missing else pick_image(opts.image)
-    first_uuid = m.smi_csv("--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits")[0][1]
+    foreign_names = (
+        "labq sees a foreign process",
+        "GPU-user exporter series",
+        "labq gpus shows the foreign process",
+    )
     try:
+        first_uuid = m.smi_csv("--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits")[
+            0
+        ][1]
         with foreign_process(m, first_uuid) as holder:
             apps = smi_compute_apps(m)
-            _attempt(rows, "labq sees a foreign process", lambda: check_foreign_inventory(m, holder, apps))
-            _attempt(rows, "GPU-user exporter series", lambda: check_gpu_user_exporter(m, holder, apps))
+            _attempt(rows, foreign_names[0], lambda: check_foreign_inventory(m, holder, apps))
+            _attempt(rows, foreign_names[1], lambda: check_gpu_user_exporter(m, holder, apps))
             if docker_missing:
-                rows.append(
-                    Row("labq gpus shows the foreign process", SKIP, f"{docker_missing}: labqd needs one")
-                )
+                rows.append(Row(foreign_names[2], SKIP, f"{docker_missing}: labqd needs one"))
             else:
-                _attempt(
-                    rows,
-                    "labq gpus shows the foreign process",
-                    lambda: check_labq_gpus(m, holder, image or "ubuntu:24.04"),
-                )
+                _attempt(rows, foreign_names[2], lambda: check_labq_gpus(m, holder, image or "ubuntu:24.04"))
     except CheckError as exc:
-        rows.append(Row("labq sees a foreign process", FAIL, str(exc)))
+        # no foreign process to look for: the first check fails with the reason, the others cannot run
+        rows.append(Row(foreign_names[0], FAIL, str(exc)))
+        rows += [Row(n, SKIP, "no foreign CUDA process (see above)") for n in foreign_names[1:]]
     container_names = (
         "labq job --gpus 1 sees exactly its GPU",
         "labq job --gpus 0 sees no GPU",
