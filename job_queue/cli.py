@@ -20,6 +20,7 @@ EXIT_NOT_FOUND = 3
 EXIT_PERMISSION = 4
 EXIT_CONFLICT = 5
 EXIT_UNREACHABLE = 6
+EXIT_LIMIT = 7  # a per-user limit (open connections, pending jobs) was reached; nothing was queued
 
 _CODE_EXIT = {
     "invalid_request": EXIT_USAGE,
@@ -27,6 +28,7 @@ _CODE_EXIT = {
     "not_found": EXIT_NOT_FOUND,
     "permission_denied": EXIT_PERMISSION,
     "conflict": EXIT_CONFLICT,
+    "limit_exceeded": EXIT_LIMIT,
 }
 
 

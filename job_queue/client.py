@@ -49,16 +49,35 @@ def socket_path(explicit_socket: str | None, explicit_config: str | None) -> str
     return DEFAULT_SOCKET
 
 
+def _connect(path: str, timeout: float) -> socket.socket:
+    """Connect, waiting while the daemon's listen backlog is full (EAGAIN on a Unix socket)."""
+    import time
+
+    deadline = time.monotonic() + min(timeout, 10.0)
+    delay = 0.005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except BlockingIOError as exc:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise DaemonUnreachable(f"cannot reach labqd at {path}: it is not accepting connections "
+                                        f"({exc.strerror or exc})") from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+            continue
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnreachable(f"cannot reach labqd at {path}: {exc.strerror or exc}") from exc
+        return sock
+
+
 class Client:
     def __init__(self, path: str, timeout: float = 60.0) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise DaemonUnreachable(f"cannot reach labqd at {path}: {exc.strerror or exc}") from exc
+        self.sock = _connect(path, timeout)
         self.rfile = self.sock.makefile("rb")
 
     def call(self, op: str, **fields: Any) -> Any:

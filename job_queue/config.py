@@ -60,6 +60,18 @@ class Config:
     metrics_address: str = "0.0.0.0"  # noqa: S104 - scraped by the lab's Prometheus server
     foreign_refresh_s: float = 30.0
     """How often NVML is re-read for foreign processes while a GPU is blocked by one."""
+    max_connections_per_user: int = 32
+    """Open socket connections one uid may hold; more are refused (``limit_exceeded``)."""
+    max_connections: int = 1024
+    """Open socket connections in total (also kept below the descriptor limit less ``reserved_fds``)."""
+    reserved_fds: int = 256
+    """File descriptors never given to connections: labqd's own Docker, SQLite and log files."""
+    request_timeout_s: float = 10.0
+    """A request that has begun must be complete (its newline read) within this time."""
+    idle_timeout_s: float = 300.0
+    """A connection with no request in progress is closed after this time."""
+    max_pending_per_user: int = 50000
+    """Pending and held jobs one user may have; a submit past it is refused whole (0: no limit)."""
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     """The ``[notify]`` table (job notifications; see job_queue/notify.py)."""
 
@@ -113,7 +125,8 @@ KNOWN_KEYS = {
     "gpus", "admin_group", "max_gpus_per_user", "mounts", "default_image", "allowed_images",
     "allow_host_network", "state_dir", "socket", "log_dir", "kill_grace", "max_command_bytes",
     "max_request_bytes", "node_cpus", "node_mem_bytes", "foreign_refresh_s", "metrics_port",
-    "metrics_address", "notify", "cluster_nodes",
+    "metrics_address", "notify", "cluster_nodes", "max_connections_per_user", "max_connections",
+    "reserved_fds", "request_timeout_s", "idle_timeout_s", "max_pending_per_user",
 }
 
 
@@ -166,11 +179,27 @@ def parse_config(data: dict[str, Any]) -> Config:
         metrics_port=_get(data, "metrics_port", int, 9848),
         metrics_address=_get(data, "metrics_address", str, Config.metrics_address),
         notify=_notify(data),
+        max_connections_per_user=_get(data, "max_connections_per_user", int, Config.max_connections_per_user),
+        max_connections=_get(data, "max_connections", int, Config.max_connections),
+        reserved_fds=_get(data, "reserved_fds", int, Config.reserved_fds),
+        request_timeout_s=float(_get(data, "request_timeout_s", (int, float), Config.request_timeout_s)),
+        idle_timeout_s=float(_get(data, "idle_timeout_s", (int, float), Config.idle_timeout_s)),
+        max_pending_per_user=_get(data, "max_pending_per_user", int, Config.max_pending_per_user),
     )
     if not 0 <= cfg.metrics_port <= 65535:
         raise ConfigError("config: 'metrics_port' must be a port number (0 disables metrics)")
     if cfg.max_gpus_per_user < 0 or cfg.kill_grace < 0 or cfg.max_command_bytes <= 0:
         raise ConfigError("config: numeric values must not be negative")
+    for key in ("max_connections_per_user", "max_connections"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config: '{key}' must be at least 1")
+    if cfg.reserved_fds < 16:
+        raise ConfigError("config: 'reserved_fds' must be at least 16")
+    for key in ("request_timeout_s", "idle_timeout_s"):
+        if not 0 < getattr(cfg, key) <= 86400:
+            raise ConfigError(f"config: '{key}' must be more than 0 and at most 86400 seconds")
+    if cfg.max_pending_per_user < 0:
+        raise ConfigError("config: 'max_pending_per_user' must not be negative (0: no limit)")
     return cfg
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .api import ApiServer
+from .api import ApiServer, raise_fd_limit
 from .config import Config, ConfigError, load_config
 from .gpus import GpuInfo, Inventory, make_inventory
 from .metrics import Metrics
@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"labqd: {exc}", file=sys.stderr)
         return 2
     os.umask(0o022)
+    raise_fd_limit()  # before anything opens descriptors; connections are kept below it (api.py)
     _prepare_dirs(cfg)
     lock = _lock_state_dir(cfg)  # open until this process ends
     if lock is None:

@@ -41,6 +41,8 @@ class ErrorCode:
     NOT_FOUND = "not_found"
     PERMISSION = "permission_denied"
     CONFLICT = "conflict"
+    LIMIT = "limit_exceeded"
+    """A per-user limit (open connections, pending jobs) was reached; nothing was changed."""
     INTERNAL = "internal"
 
 

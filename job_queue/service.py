@@ -141,7 +141,16 @@ class Service:
                 d.update(array_index=index, array_cap=arr.cap, groups=list(base.groups),
                          command=list(base.command), env=dict(base.env), mounts=list(base.mounts))
                 specs.append(JobSpec(**d))
-        ids = self.store.add_jobs(specs, self.clock())
+        with self.store.tx():  # counted and added in one transaction: concurrent submits cannot pass it
+            limit = cfg.max_pending_per_user
+            if limit:
+                waiting = self.store.count_waiting(caller.user)
+                if waiting + len(specs) > limit:
+                    what = "array" if array is not None else "submit"
+                    raise ProtocolError(ErrorCode.LIMIT, f"{what}: {caller.user} has {waiting} pending or "
+                                        f"held jobs; {len(specs)} more would pass the per-user limit of "
+                                        f"{limit} (max_pending_per_user)")
+            ids = self.store.add_jobs(specs, self.clock())
         self.backend.wake()
         return {"ids": ids, "array_id": ids[0] if array is not None else None}
 

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_end ON jobs(end_time);
+CREATE INDEX IF NOT EXISTS jobs_user_state ON jobs(user, state);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 SCHEMA_VERSION = "1"
@@ -62,6 +63,7 @@ class Store(Protocol):
     def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[int]: ...
     def get(self, job_id: int) -> Job | None: ...
     def active_jobs(self) -> list[Job]: ...
+    def count_waiting(self, user: str) -> int: ...
     def states(self, ids: Iterable[int]) -> dict[int, JobState]: ...
     def history(self, user: str | None, limit: int) -> list[Job]: ...
     def update(self, job_id: int, **fields: Any) -> None: ...
@@ -208,6 +210,13 @@ class SqliteStore:
                 jobs.append(_row_to_job(row, spec))
             self._spec_cache = fresh
         return jobs
+
+    def count_waiting(self, user: str) -> int:
+        """How many pending or held jobs ``user`` has (the per-user limit on the queue)."""
+        with self._lock:
+            row = self._conn.execute("SELECT count(*) FROM jobs WHERE user = ? AND state IN (?, ?)",
+                                     (user, JobState.PENDING.value, JobState.HELD.value)).fetchone()
+        return int(row[0])
 
     def states(self, ids: Iterable[int]) -> dict[int, JobState]:
         wanted = sorted(set(ids))

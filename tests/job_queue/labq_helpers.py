@@ -165,8 +165,11 @@ def run_as(user: str, argv: list[str], cwd: str | None,
 class Labqd:
     """A real labqd process with its own state dir, socket and log dir."""
 
-    def __init__(self, root: Path, extra_config: str = "", metrics_port: int = 0) -> None:
+    def __init__(self, root: Path, extra_config: str = "", metrics_port: int = 0,
+                 nofile: int | None = None) -> None:
         self.root = root
+        self.nofile = nofile
+        """Soft and hard RLIMIT_NOFILE of the daemon (None: inherited)."""
         self.socket = str(root / "run" / "labq.sock")
         self.log_dir = root / "logs"
         self.config = root / "config.toml"
@@ -193,7 +196,7 @@ metrics_port = {metrics_port}
         with self.stderr.open("ab") as err:
             self.proc = subprocess.Popen(
                 [PYTHON, "-m", "job_queue.daemon", "--config", str(self.config), "--log-level", "DEBUG"],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=self._limit_fds,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -204,6 +207,12 @@ metrics_port = {metrics_port}
                 return
             time.sleep(0.05)
         raise RuntimeError("labqd did not start listening")
+
+    def _limit_fds(self) -> None:
+        if self.nofile is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -232,9 +241,13 @@ metrics_port = {metrics_port}
 
     def request(self, payload: bytes) -> dict[str, Any]:
         """Send raw bytes as one request line; return the decoded reply."""
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(30)
-            s.connect(self.socket)
+        from job_queue.client import DaemonUnreachable, _connect
+
+        try:  # waits while the listen backlog is full (a flood test)
+            conn = _connect(self.socket, 30)
+        except DaemonUnreachable as exc:
+            raise ConnectionError(str(exc)) from exc
+        with conn as s:
             s.sendall(payload + b"\n")
             data = b""
             while not data.endswith(b"\n"):
@@ -286,10 +299,10 @@ def _remove_instance_containers(root: Path) -> None:
             api.remove_container(c["Id"], force=True)
 
 
-def _new_labqd(extra_config: str = "", metrics_port: int = 0) -> Labqd:
+def _new_labqd(extra_config: str = "", metrics_port: int = 0, nofile: int | None = None) -> Labqd:
     root = Path(tempfile.mkdtemp(prefix="labq-test-"))
     root.chmod(0o755)  # alice and bob must reach the socket
-    d = Labqd(root, extra_config, metrics_port)
+    d = Labqd(root, extra_config, metrics_port, nofile)
     d.start()
     return d
 
@@ -310,8 +323,8 @@ def make_labqd(test_image: str, users: dict[str, Any]) -> Iterator[Any]:
     """Factory: start a real labqd (extra TOML lines optional); cleaned up after the test."""
     started: list[Labqd] = []
 
-    def make(extra_config: str = "", metrics_port: int = 0) -> Labqd:
-        d = _new_labqd(extra_config, metrics_port)
+    def make(extra_config: str = "", metrics_port: int = 0, nofile: int | None = None) -> Labqd:
+        d = _new_labqd(extra_config, metrics_port, nofile)
         started.append(d)
         return d
 

@@ -16,7 +16,8 @@ from job_queue.protocol import OPS
 
 pytestmark = pytest.mark.docker
 
-KNOWN_CODES = {"invalid_request", "unsupported_version", "not_found", "permission_denied", "conflict"}
+KNOWN_CODES = {"invalid_request", "unsupported_version", "not_found", "permission_denied", "conflict",
+               "limit_exceeded"}
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(
