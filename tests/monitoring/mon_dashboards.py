@@ -30,6 +30,7 @@ SOURCE_METRICS = {
     re.compile(r"\blabq_(?!job\b)\w+"): "labq",
     re.compile(r"\blabkit_gpu_\w+"): "gpu_users",
     re.compile(r"\bcontainer_\w+"): "cadvisor",
+    re.compile(r"\blabkit_slurm_\w+"): "slurm",
 }
 
 

@@ -49,9 +49,9 @@ def replay_bin_dir(dest: Path, scenario: str, override: Mapping[str, str] | None
 
 
 @contextmanager
-def slurm_exporter(bin_dir: Path, log: Path, timeout: float = 5.0) -> Iterator[str]:
-    """The real exporter on loopback reading ``bin_dir``; yields its /metrics URL."""
-    port = free_port()
+def slurm_exporter(bin_dir: Path, log: Path, timeout: float = 5.0, port: int = 0) -> Iterator[str]:
+    """The real exporter on loopback (``port``, or a free one) reading ``bin_dir``; yields /metrics URL."""
+    port = port or free_port()
     cmd = [
         sys.executable,
         "-m",

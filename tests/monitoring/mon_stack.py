@@ -2,7 +2,8 @@
 monitoring/prometheus/prometheus.example.yml and the repo's rules, scraping a real
 node_exporter, the real labkit GPU-user exporter (no GPU here), and static stand-ins:
 the dcgm-exporter, labq and cAdvisor contract samples (tests/monitoring/data/*.prom), and a second
-gpu_users target serving what our collector produces with a fake NVML (host "gpusample").
+gpu_users target serving what our collector produces with a fake NVML (host "gpusample"), and the
+real labkit Slurm exporter replaying Slurm output recorded from a real Slurm (tests/monitoring/mon_slurm.py).
 
 Test modules that use it declare `pytest_plugins = ("mon_stack",)`, so it is one session
 fixture for all of them.
@@ -34,6 +35,7 @@ from mon_helpers import (
     wait_for,
 )
 from mon_sinks import StaticExporter
+from mon_slurm import replay_bin_dir, slurm_exporter
 
 DATA = Path(__file__).resolve().parent / "data"
 TEST_HOST = "testhost"
@@ -94,7 +96,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prometheus = need_binary("prometheus")
     node_exporter = need_binary("prometheus-node-exporter", "node_exporter")
     tmp = tmp_path_factory.mktemp("stack")
-    ports = {"node": free_port(), "gpu_users": free_port()}
+    ports = {"node": free_port(), "gpu_users": free_port(), "slurm": free_port()}
     prom_port = free_port()
     dcgm = StaticExporter((DATA / "dcgm_sample.prom").read_text())
     labq = StaticExporter((DATA / "labq_sample.prom").read_text())
@@ -162,6 +164,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 ],
                 tmp / "prometheus.log",
             )
+        )
+        # The Slurm exporter replaying the "busy" recording: one node down, one drained, GPU jobs pending.
+        stop.enter_context(
+            slurm_exporter(replay_bin_dir(tmp / "slurm-bin", "busy"), tmp / "slurm.log", port=ports["slurm"])
         )
         s = Stack(prometheus=f"http://127.0.0.1:{prom_port}")
         wait_for(lambda: http_ok(f"{s.prometheus}/-/ready"), timeout=40, what="prometheus ready")

@@ -33,9 +33,15 @@ def walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def test_the_four_dashboards_exist() -> None:
+def test_the_five_dashboards_exist() -> None:
     uids = {load(p)["uid"] for p in DASHBOARD_FILES}
-    assert uids == {"labkit-cluster-overview", "labkit-gpu-detail", "labkit-gpu-users", "labkit-job-queue"}
+    assert uids == {
+        "labkit-cluster-overview",
+        "labkit-gpu-detail",
+        "labkit-gpu-users",
+        "labkit-job-queue",
+        "labkit-slurm",
+    }
 
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=IDS)

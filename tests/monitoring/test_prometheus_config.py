@@ -60,6 +60,7 @@ def test_real_prometheus_targets_carry_host_labels(stack: Stack) -> None:
         "dcgm",
         "labq",
         "cadvisor",
+        "slurm",
         "prometheus",
     }
     for target in active:
@@ -106,6 +107,9 @@ def test_alerts_go_pending_on_this_gpu_less_host(stack: Stack) -> None:
         ("NfsHomeNotMounted", TEST_HOST),  # the probe found no NFS on its (local) home directory
         ("JobQueueStuck", TEST_HOST),  # sample: 2 pending jobs, 5 free GPUs
         ("GpuAllocatedIdle", TEST_HOST),  # sample: bob's GPU 1 at 0 %
+        ("SlurmNodeDown", TEST_HOST),  # recording: slurmrec2 down (not responding)
+        ("SlurmNodeDrained", TEST_HOST),  # recording: slurmrec3 drained
+        ("SlurmJobsPendingWhileGpusFree", TEST_HOST),  # recording: GPU jobs wait, slurmrec has 1 free
     }
     got = wait_for(
         lambda: pending() if expected <= pending() else None, timeout=15, what=f"pending {expected}"
