@@ -50,7 +50,8 @@ SYSTEMD_RUN_FLAGS: dict[str, Any] = {
     "cgroupns": "host",
     "volumes": {"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
     "tmpfs": {"/run": "", "/run/lock": "", "/tmp": ""},
-    "cap_add": ["SYS_ADMIN"],
+    # SYS_NICE: Slurm's task/affinity pins a job's tasks to its CPUs.
+    "cap_add": ["SYS_ADMIN", "SYS_NICE"],
     "security_opt": ["seccomp=unconfined"],
     "stop_signal": "SIGRTMIN+3",
 }
@@ -480,6 +481,10 @@ WATCHED_SERVICES = (
     "prometheus-alertmanager",
     "prometheus-node-exporter",
     "labqd",
+    "munge",
+    "slurmctld",
+    "slurmdbd",
+    "slurmd",
 )
 
 
@@ -489,11 +494,38 @@ def running_services(container: Any) -> list[str]:
     return [svc for svc, state in zip(WATCHED_SERVICES, states, strict=False) if state == "active"]
 
 
+def slurm_cgroups(names: list[str], root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
+    """The cgroups slurmd made for the given node names. The lab's hosts share this machine's cgroup tree
+    (cgroupns=host), so a node's job cgroups sit at the root as ``slurm_<NodeName>`` (v1: under each
+    controller, v2: at the top) and outlive its container. Deepest first, ready to be removed."""
+    tops: list[Path] = []
+    for name in names:
+        tops += [root / f"slurm_{name}", *root.glob(f"*/slurm_{name}")]
+    found: list[Path] = []
+    for top in tops:
+        if top.is_dir() and not top.is_symlink():
+            found += [top, *(p for p in top.rglob("*") if p.is_dir())]
+    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_slurm_cgroups(names: list[str]) -> None:
+    """Remove what slurmd left of the given nodes' cgroups (a cgroup directory goes with rmdir once empty)."""
+    left = []
+    for path in slurm_cgroups(names):
+        try:
+            path.rmdir()
+        except OSError:
+            left.append(path)
+    if left:
+        log(f"could not remove {len(left)} Slurm cgroups (processes still in them?), e.g. {left[0]}")
+
+
 def down() -> None:
     client = docker_client()
     for container in lab_containers(client):
         container.remove(force=True, v=True)
         log(f"removed {container.name}")
+    remove_slurm_cgroups([host.name for host in lab_hosts()])
     for volume in client.volumes.list(filters={"name": "labkit-"}):
         volume.remove(force=True)
     for network in client.networks.list(names=[NETWORK]):
