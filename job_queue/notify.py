@@ -268,55 +268,66 @@ class Notifier:
             if self.wait_log is not None:
                 self.wait_log(job_id, self.cfg.timeout_s)
             tail = tail_lines(self.log_path(job_id), self.cfg.log_lines)
-        msg = build_message(event, job, self.host, tail)
-        senders: dict[str, Callable[[Message, Job], None]] = {
-            "webhook": self._webhook, "slack_dm": self._slack_dm, "mail": self._mail,
-        }
-        for channel in self.cfg.channels:
-            try:
-                senders[channel](msg, job)
-            except Exception as exc:
-                log.warning("job %d: %s notification (%s) failed: %s", job_id, channel, event, exc)
-                self.count(channel, "error")
-            else:
-                self.count(channel, "sent")
+        deliver(self.cfg, build_message(event, job, self.host, tail), job.spec.user, self.count,
+                label=f"job {job_id}")
 
-    def _webhook(self, msg: Message, job: Job) -> None:
-        from slack_sdk.webhook import WebhookClient
 
-        if not self.cfg.slack_webhook_url:
-            raise RuntimeError("no slack_webhook_url")
-        client = WebhookClient(self.cfg.slack_webhook_url, timeout=int(max(1, self.cfg.timeout_s)))
-        resp = client.send(text=_slack_text(msg))
-        if resp.status_code != 200:
-            raise RuntimeError(f"webhook answered {resp.status_code}: {resp.body[:200]}")
+def deliver(cfg: NotifyConfig, msg: Message, user: str,
+            count: Callable[[str, str], None] | None = None, label: str = "") -> None:
+    """Send one notification to its owner through every configured channel. A channel's failure is
+    logged and counted, never raised: the others still go out. Used by labqd's worker and by the Slurm
+    mail program (job_queue/slurm_mail.py), so both reach a member the same way."""
+    counted = count or (lambda channel, outcome: None)
+    senders: dict[str, Callable[[NotifyConfig, Message, str], None]] = {
+        "webhook": _webhook, "slack_dm": _slack_dm, "mail": _mail,
+    }
+    for channel in cfg.channels:
+        try:
+            senders[channel](cfg, msg, user)
+        except Exception as exc:
+            log.warning("%s: %s notification (%s) failed: %s", label or user, channel, msg.event, exc)
+            counted(channel, "error")
+        else:
+            counted(channel, "sent")
 
-    def _slack_dm(self, msg: Message, job: Job) -> None:
-        from slack_sdk import WebClient
 
-        if not self.cfg.slack_token:
-            raise RuntimeError("no slack_token")
-        if not self.cfg.mail_domain:
-            raise RuntimeError("no mail_domain to find the owner's Slack account by")
-        client = WebClient(token=self.cfg.slack_token, base_url=self.cfg.slack_api_url,
-                           timeout=int(max(1, self.cfg.timeout_s)))
-        found = client.users_lookupByEmail(email=f"{job.spec.user}@{self.cfg.mail_domain}")
-        user_id = found["user"]["id"]
-        client.chat_postMessage(channel=user_id, text=_slack_text(msg))
+def _webhook(cfg: NotifyConfig, msg: Message, user: str) -> None:
+    from slack_sdk.webhook import WebhookClient
 
-    def _mail(self, msg: Message, job: Job) -> None:
-        import smtplib
-        from email.message import EmailMessage
+    if not cfg.slack_webhook_url:
+        raise RuntimeError("no slack_webhook_url")
+    client = WebhookClient(cfg.slack_webhook_url, timeout=int(max(1, cfg.timeout_s)))
+    resp = client.send(text=_slack_text(msg))
+    if resp.status_code != 200:
+        raise RuntimeError(f"webhook answered {resp.status_code}: {resp.body[:200]}")
 
-        mail = EmailMessage()
-        mail["From"] = self.cfg.mail_from
-        mail["To"] = f"{job.spec.user}@{self.cfg.mail_domain}"
-        mail["Subject"] = msg.subject
-        body = msg.text
-        if msg.log_tail:
-            body += "\n\nLast lines of the log:\n" + "\n".join(msg.log_tail)
-        mail.set_content(body + "\n")
-        with smtplib.SMTP(self.cfg.smtp_host, self.cfg.smtp_port, timeout=self.cfg.timeout_s) as smtp:
-            if self.cfg.smtp_user:
-                smtp.login(self.cfg.smtp_user, self.cfg.smtp_password)
-            smtp.send_message(mail)
+
+def _slack_dm(cfg: NotifyConfig, msg: Message, user: str) -> None:
+    from slack_sdk import WebClient
+
+    if not cfg.slack_token:
+        raise RuntimeError("no slack_token")
+    if not cfg.mail_domain:
+        raise RuntimeError("no mail_domain to find the owner's Slack account by")
+    client = WebClient(token=cfg.slack_token, base_url=cfg.slack_api_url, timeout=int(max(1, cfg.timeout_s)))
+    found = client.users_lookupByEmail(email=f"{user}@{cfg.mail_domain}")
+    user_id = found["user"]["id"]
+    client.chat_postMessage(channel=user_id, text=_slack_text(msg))
+
+
+def _mail(cfg: NotifyConfig, msg: Message, user: str) -> None:
+    import smtplib
+    from email.message import EmailMessage
+
+    mail = EmailMessage()
+    mail["From"] = cfg.mail_from
+    mail["To"] = f"{user}@{cfg.mail_domain}"
+    mail["Subject"] = msg.subject
+    body = msg.text
+    if msg.log_tail:
+        body += "\n\nLast lines of the log:\n" + "\n".join(msg.log_tail)
+    mail.set_content(body + "\n")
+    with smtplib.SMTP(cfg.smtp_host, cfg.smtp_port, timeout=cfg.timeout_s) as smtp:
+        if cfg.smtp_user:
+            smtp.login(cfg.smtp_user, cfg.smtp_password)
+        smtp.send_message(mail)
