@@ -197,6 +197,25 @@ def test_controller_down_leaves_only_health_series(scraped: dict[str, Samples]) 
     assert not {n for n in names(s) if n.startswith(("labkit_slurm_node_", "labkit_slurm_jobs"))}
 
 
+def test_controller_down_skips_the_commands_that_would_wait_for_it(tmp_path: Path) -> None:
+    """With no slurmctld UP, sinfo & co. would retry until their timeout: they are not run at all."""
+    ran = tmp_path / "ran"
+    waits = f"echo $(basename $0) >> {ran}; exec sleep 30\n"
+    bin_dir = replay_bin_dir(
+        tmp_path / "bin",
+        "controller-down",
+        override=dict.fromkeys(("sinfo", "squeue", "sdiag", "sshare"), waits),
+    )
+    with slurm_exporter(bin_dir, tmp_path / "exporter.log", timeout=3.0) as url:
+        start = time.monotonic()
+        s = samples(requests.get(url, timeout=20).text)
+        assert time.monotonic() - start < 2
+    assert not ran.exists()
+    assert value(s, "labkit_slurm_controller_up") == 0
+    assert value(s, "labkit_slurm_command_up", command="sinfo") == 0
+    assert value(s, "labkit_slurm_command_duration_seconds", command="sinfo") == 0
+
+
 def test_hanging_garbled_and_missing_commands_cost_only_their_series(tmp_path: Path) -> None:
     bin_dir = replay_bin_dir(
         tmp_path / "bin",
