@@ -5,10 +5,19 @@ Prints, measured in one run:
      time from a shell: wall-time ratio (goal <= 1.05).
   2. gap from a job's exit to the next job's start on the freed GPU: p50 and p99 (goal p99 <= 0.5 s).
   3. `labq ls` wall time with 10,000 jobs in history (goal <= 150 ms); daemon RSS with 10,000 queued.
+  4. scale: with 100,000 finished and 100,000 pending jobs (ten 10,000-task arrays behind four running
+     jobs): `labq ls`, `ls --json`, `show`, `history` wall time, one scheduling pass (labqd's own
+     labq_schedule_pass_seconds), daemon RSS (goals: each <= 150 ms, RSS <= 100 MiB).
+  5. submits through the API (held jobs, persistent connections): one client and eight client
+     processes (goals >= 300/s and >= 1000/s); then kill -9 right after submits returned, restart,
+     and check every returned id is still there.
+
+`bench_labq.py scale` or `bench_labq.py submits` runs only that part.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -43,14 +52,16 @@ def ensure_image() -> None:
     import_busybox_image(IMAGE, ("sh", "true", "sleep"))
 
 class Daemon:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra: str = "", metrics_port: int = 0) -> None:
         self.root = root
         self.socket = str(root / "labq.sock")
         self.config = root / "config.toml"
+        self.metrics_port = metrics_port
         self.config.write_text(
             f'gpus = ["GPU-b0", "GPU-b1", "GPU-b2", "GPU-b3"]\ndefault_image = "{IMAGE}"\n'
-            f'metrics_port = 0\nstate_dir = "{root / "state"}"\nsocket = "{self.socket}"\n'
-            f'log_dir = "{root / "logs"}"\n'
+            f'metrics_port = {metrics_port}\nmetrics_address = "127.0.0.1"\n'
+            f'state_dir = "{root / "state"}"\nsocket = "{self.socket}"\n'
+            f'log_dir = "{root / "logs"}"\n{extra}'
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -70,6 +81,24 @@ class Daemon:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(60)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(60)
+
+    def pass_seconds(self) -> tuple[float, float]:
+        """(sum, count) of labqd's labq_schedule_pass_seconds histogram (metrics on loopback)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith(("labq_schedule_pass_seconds_sum", "labq_schedule_pass_seconds_count")):
+                name, value = line.split()
+                values[name] = float(value)
+        return values["labq_schedule_pass_seconds_sum"], values["labq_schedule_pass_seconds_count"]
 
     def call(self, op: str, **fields: Any) -> Any:
         with socket.socket(socket.AF_UNIX) as s:
@@ -167,6 +196,131 @@ def time_cli(d: Daemon, *args: str, runs: int = 10) -> float:
     return statistics.median(times)
 
 
+def fill_finished(db: str, n: int) -> None:
+    """n finished jobs written straight into the database (before labqd starts)."""
+    store = SqliteStore(db)
+    base = JobSpec(user="root", uid=0, gid=0, groups=[0], home="/root", cwd="/root", image=IMAGE,
+                   command=["python", "train.py", "--lr", "0.1"], gpus=1, name="train")
+    now = time.time()
+    for first in range(0, n, 10_000):
+        ids = store.add_jobs([dataclasses.replace(base, array_index=i) for i in range(10_000)], now - 7200)
+        with store.tx() as cur:
+            cur.executemany("UPDATE jobs SET state = 'succeeded', exit_code = 0, start_time = ?, "
+                            "end_time = ?, assigned_gpus = '[\"GPU-b0\"]' WHERE id = ?",
+                            [(now - 7000 + k, now - 6000 + k, i) for k, i in enumerate(ids, first)])
+    store.close()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_scale() -> None:
+    n_finished, n_pending = 100_000, 100_000
+    root = Path(tempfile.mkdtemp(prefix="labq-bench-scale-"))
+    root.chmod(0o755)
+    cwd = str(root / "work")
+    d = Daemon(root, "max_pending_per_user = 0\n", metrics_port=free_port())
+    try:
+        (root / "state").mkdir()
+        t0 = time.monotonic()
+        fill_finished(str(root / "state" / "labq.db"), n_finished)
+        fill_s = time.monotonic() - t0
+        d.start()
+        blockers = [d.call("submit", command=["sleep", "3600"], cwd=cwd, gpus=1)["ids"][0] for _ in range(4)]
+        t0 = time.monotonic()
+        for _ in range(n_pending // 10_000):
+            d.call("submit", command=["python", "train.py", "--lr", "0.1"], cwd=cwd, gpus=1,
+                   array="0-9999", time_limit=3600)
+        submit_s = time.monotonic() - t0
+        while any(d.call("show", id=b)["state"] != "running" for b in blockers):
+            time.sleep(0.1)
+        time.sleep(1)
+        one = blockers[-1] + 5000  # a pending task
+        s0, c0 = d.pass_seconds()
+        for _ in range(10):  # each hold and release wakes labqd for one pass over the whole queue
+            d.call("hold", ids=[one])
+            d.call("release", ids=[one])
+        time.sleep(1)
+        s1, c1 = d.pass_seconds()
+        pass_ms = (s1 - s0) / max(1.0, c1 - c0) * 1000
+        ls_ms = time_cli(d, "ls") * 1000
+        ls_json_ms = time_cli(d, "ls", "--json") * 1000
+        show_ms = time_cli(d, "show", str(one)) * 1000
+        hist_ms = time_cli(d, "history") * 1000
+        lines = len(subprocess.run([sys.executable, "-m", "job_queue.cli", "--socket", d.socket, "ls"],
+                                   capture_output=True, text=True, check=True).stdout.splitlines())
+        rss = d.rss_kib() / 1024
+        print(f"4. scale, {n_finished} finished + {n_pending} pending (ten 10,000-task arrays behind 4 "
+              f"running): labq ls {ls_ms:.0f} ms ({lines} lines), ls --json {ls_json_ms:.0f} ms, "
+              f"show {show_ms:.0f} ms, "
+              f"history {hist_ms:.0f} ms (medians of 10; goal <= 150 ms each)")
+        print(f"   scheduling pass {pass_ms:.1f} ms (mean of {c1 - c0:.0f}, labq_schedule_pass_seconds; "
+              f"goal <= 150 ms); daemon RSS {rss:.1f} MiB (goal <= 100 MiB); submitting the ten arrays "
+              f"{submit_s:.1f} s; writing the finished ones {fill_s:.1f} s")
+    finally:
+        cleanup(d, root)
+
+
+def _submitter(path: str, cwd: str, n: int, out: Any) -> None:
+    from job_queue.client import Client
+
+    client = Client(path)
+    t0 = time.monotonic()
+    for _ in range(n):
+        client.call("submit", command=["true"], cwd=cwd, gpus=0, hold=True)
+    out.put(time.monotonic() - t0)
+    client.close()
+
+
+def bench_submits() -> None:
+    import multiprocessing
+
+    root = Path(tempfile.mkdtemp(prefix="labq-bench-submit-"))
+    root.chmod(0o755)
+    cwd = str(root / "work")
+    d = Daemon(root, "max_pending_per_user = 0\n")
+    try:
+        d.start()
+        ctx = multiprocessing.get_context("fork")
+        results: Any = ctx.Queue()
+        n_one = 2000
+        _submitter(d.socket, cwd, 200, results)  # warm-up
+        results.get()
+        _submitter(d.socket, cwd, n_one, results)
+        one_rate = n_one / results.get()
+        n_each = 1000
+        procs = [ctx.Process(target=_submitter, args=(d.socket, cwd, n_each, results)) for _ in range(8)]
+        t0 = time.monotonic()
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        eight_rate = 8 * n_each / (time.monotonic() - t0)
+        # Durability: kill -9 the moment after submits returned; every returned id must survive.
+        from job_queue.client import Client
+
+        returned: list[int] = []
+        for _ in range(10):
+            client = Client(d.socket)
+            for _ in range(20):
+                returned.extend(client.call("submit", command=["true"], cwd=cwd, gpus=0, hold=True)["ids"])
+            d.kill9()
+            client.close()
+            d.start()
+        known = {j["id"] for j in d.call("ls", array_tasks=True)["jobs"]}
+        lost = [i for i in returned if i not in known]
+        print(f"5. submits through the API (held jobs, one persistent connection each): one client "
+              f"{one_rate:.0f}/s (goal >= 300/s), eight clients {eight_rate:.0f}/s (goal >= 1000/s)")
+        print(f"   kill -9 right after 10 x 20 returned submits: {len(returned) - len(lost)} of "
+              f"{len(returned)} "
+              f"returned ids present after restart (goal: all)")
+    finally:
+        cleanup(d, root)
+
+
 def cleanup(d: Daemon, root: Path) -> None:
     """SIGTERM leaves containers running by design: remove this run's containers explicitly."""
     d.stop()
@@ -182,6 +336,10 @@ def main() -> int:
         print("bench_labq: needs root (starts labqd, talks to dockerd)", file=sys.stderr)
         return 2
     ensure_image()
+    only = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if only in ("scale", "submits"):
+        (bench_scale if only == "scale" else bench_submits)()
+        return 0
     root = Path(tempfile.mkdtemp(prefix="labq-bench-"))
     root.chmod(0o755)
     cwd = str(root / "work")
@@ -232,6 +390,8 @@ def main() -> int:
               f"submit-to-running of a priority job past them: {urgent_ms:.0f} ms")
     finally:
         cleanup(d, root)
+    bench_scale()
+    bench_submits()
     return 0
 
 

@@ -67,8 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
 
-    ls = sub.add_parser("ls", help="list pending and running jobs")
+    ls = sub.add_parser("ls", help="list pending and running jobs (an array's waiting tasks on one line)")
     ls.add_argument("--user", "-u")
+    ls.add_argument("--array", "-r", action="store_true",
+                    help="one line per array task (squeue -r); default: 17_[5-9999] per array and state")
     ls.add_argument("--all-nodes", action="store_true",
                     help="list the jobs of every node ($LABQ_NODES or cluster_nodes in the config), over ssh")
     ls.add_argument("--json", action="store_true")
@@ -226,27 +228,27 @@ def _elapsed(job: dict[str, Any], now: float) -> float:
 
 
 def _table(jobs: list[dict[str, Any]], now: float, finished: bool = False) -> None:
-    from .display import safe
+    from .display import id_and_name, safe
     from .durations import format_duration
 
     head = ("ID", "USER", "STATE", "GPUS", "RUN TIME" if finished else "TIME", "NAME",
             "EXIT" if finished else "REASON")
     rows = [head]
     for j in jobs:
-        name = j["name"] if j.get("array_index") is None else f"{j['name']}[{j['array_index']}]"
+        job_id, name = id_and_name(j)
         last = (str(j["exit_code"]) if j.get("exit_code") is not None else "-") if finished else (
             j.get("reason") or "")
         if finished and j.get("reason"):
             last = f"{last} {j['reason']}"
-        rows.append((str(j["id"]), safe(j["user"]), j["state"].upper(), str(j["gpus"]),
-                     format_duration(_elapsed(j, now)), safe(name), safe(last)))
+        rows.append((job_id, safe(j["user"]), j["state"].upper(), str(j["gpus"]),
+                     format_duration(_elapsed(j, now)), name, safe(last)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
     out = [" ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + " " + r[-1] for r in rows]
     sys.stdout.write("\n".join(line.rstrip() for line in out) + "\n")
 
 
 def cmd_ls(client: Any, args: argparse.Namespace, req: dict[str, Any]) -> int:
-    res = client.call("ls", user=args.user)
+    res = client.call("ls", user=args.user, **({"array_tasks": True} if args.array else {}))
     if args.json:
         _print_json(res["jobs"])
     else:

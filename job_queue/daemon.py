@@ -39,6 +39,7 @@ from .store import SqliteStore
 log = logging.getLogger("labqd")
 
 Message = tuple[Any, ...]
+IMAGE_CACHE_S = 60.0
 
 
 class Daemon:
@@ -58,6 +59,7 @@ class Daemon:
         self._starters = None
         if parallel_starts > 0:
             self._starters = ThreadPoolExecutor(parallel_starts, thread_name_prefix="labq-start")
+        self._images_seen: dict[str, float] = {}
         self._gpus: list[GpuInfo] = inventory.snapshot(())
         self._gpus_read = clock()
         self.service = Service(cfg, store, self, clock)
@@ -77,7 +79,19 @@ class Daemon:
         self._stoppers.submit(self._stop, job_id)
 
     def image_exists(self, image: str) -> bool:
-        return self.runtime.image_exists(image)
+        """Whether the image is on the node; a yes is remembered for IMAGE_CACHE_S, so a burst of
+        submits costs one Docker call, not one each (an image removed meanwhile fails the start
+        with "image ... not found on this node")."""
+        now = time.monotonic()
+        seen = self._images_seen.get(image)
+        if seen is not None and now - seen < IMAGE_CACHE_S:
+            return True
+        if not self.runtime.image_exists(image):
+            return False
+        self._images_seen[image] = now
+        if len(self._images_seen) > 1024:
+            self._images_seen.clear()
+        return True
 
     def wait_log(self, job_id: int, timeout: float) -> None:
         """Wait until a finished job's log file holds all its output (saved just after the exit)."""
@@ -221,10 +235,8 @@ class Daemon:
             now = self.clock()
             d = schedule(jobs, [g.id for g in self._gpus], self.policy, now, deps, unavailable)
             self.next_deadline = d.next_deadline
-            by_id = {j.id: j for j in jobs}
-            changed = {i: r for i, r in d.reasons.items() if by_id[i].reason != r}
-            if changed:
-                self.store.set_reasons(changed)
+            if d.changed:
+                self.store.set_reasons(d.changed)
             with self.store.tx():
                 for job_id, reason in d.cancels:
                     self.store.transition(job_id, [JobState.PENDING], state=JobState.CANCELLED,

@@ -7,10 +7,14 @@ line separators) is shown as a Python-style escape (``\\x1b``, ``\\n``, ``\\u202
 move the cursor, recolour or rewrite another user's terminal. ``--json`` output keeps the exact text
 (JSON itself escapes control characters).
 
-Stdlib only, no imports: the CLI imports this module on every human-readable command.
+No imports: the CLI imports this module on every human-readable command.
 """
 
 from __future__ import annotations
+
+TYPE_CHECKING = False  # not imported from typing: see cli.py
+if TYPE_CHECKING:
+    from typing import Any
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -36,3 +40,13 @@ def safe(value: object, keep: str = "") -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() or ch in keep else _escape(ch) for ch in text)
+
+
+def id_and_name(job: dict[str, Any]) -> tuple[str, str]:
+    """The ID and NAME columns of a listed job (escaped): ``17_[5-9999]`` and ``train`` for an
+    array's collapsed waiting tasks, ``42`` and ``train[3]`` for one task, ``43`` and ``eval`` else."""
+    if job.get("array_tasks") is not None:
+        return f"{job['array_id']}_[{job['array_tasks']}]", safe(job["name"])
+    if job.get("array_index") is None:
+        return str(job["id"]), safe(job["name"])
+    return str(job["id"]), safe(f"{job['name']}[{job['array_index']}]")

@@ -37,7 +37,7 @@ class StopReason(StrEnum):
     TIME_LIMIT = "time_limit"
 
 
-@dataclass
+@dataclass(slots=True)
 class JobSpec:
     """What a user asked for; validated by the protocol layer, filled in by the API."""
 
@@ -67,7 +67,7 @@ class JobSpec:
     """Events to notify the owner of (``--notify``); None: the node's default."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     id: int
     spec: JobSpec

@@ -242,6 +242,7 @@ OPS: dict[str, dict[str, tuple[Validator, bool, Any]]] = {
     },
     "ls": {
         "user": (v_opt(v_str(64, _USER_RE, "user name")), False, None),
+        "array_tasks": (v_bool, False, False),
     },
     "show": {"id": (v_int(1, 2**62), True, None)},
     "logs": {

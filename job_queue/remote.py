@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Any
 
-from .display import safe
+from .display import id_and_name, safe
 
 NODES_ENV = "LABQ_NODES"
 SSH_ENV = "LABQ_SSH"
@@ -122,8 +122,9 @@ def ls_all_nodes(nodes: list[str], user: str | None, as_json: bool) -> int:
         rows = [("NODE", "ID", "USER", "STATE", "GPUS", "NAME", "REASON")]
         for n in nodes:
             for j in results.get(n, []):
-                rows.append((safe(n), str(j["id"]), safe(j["user"]), safe(j["state"]).upper(), str(j["gpus"]),
-                             safe(j["name"]), safe(j.get("reason") or "")))
+                job_id, name = id_and_name(j)
+                rows.append((safe(n), job_id, safe(j["user"]), safe(j["state"]).upper(), str(j["gpus"]), name,
+                             safe(j.get("reason") or "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])

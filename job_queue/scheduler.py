@@ -11,6 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from .models import Job, JobState
 
@@ -43,6 +44,8 @@ class Decisions:
     next_deadline: float | None = None
     head: int | None = None
     shadow_time: float | None = None
+    changed: dict[int, str] = field(default_factory=dict)
+    """The entries of ``reasons`` that differ from the job's recorded reason (what must be written)."""
 
 
 def queue_order(job: Job) -> tuple[int, float, int]:
@@ -106,7 +109,14 @@ def schedule(
     deps = dict(dep_states or {})
     blocked = dict(unavailable or {})
     out = Decisions()
-    active = [j for j in jobs if j.state.active]
+    active: list[Job] = []
+    waiting: list[Job] = []
+    for j in jobs:
+        st = j.state
+        if st is JobState.STARTING or st is JobState.RUNNING:
+            active.append(j)
+        elif st is JobState.PENDING or st is JobState.HELD:
+            waiting.append(j)
     used = {g for j in active for g in j.assigned_gpus}
     free = _Free(
         gpus=[g for g in all_gpus if g not in used and g not in blocked],
@@ -127,48 +137,85 @@ def schedule(
                 out.next_deadline = end
     running = list(active)
     shadow: float | None = None
-    for job in sorted((j for j in jobs if j.state in (JobState.PENDING, JobState.HELD)), key=queue_order):
+    # queue_order with C-level keys (stable sorts, last key first): fast on 100,000 waiting jobs.
+    waiting.sort(key=_ID)
+    waiting.sort(key=_SUBMIT)
+    waiting.sort(key=_PRIORITY, reverse=True)
+    reasons, changed = out.reasons, out.changed
+    # A run of tasks of one array (they differ in their index only, and are next to each other in
+    # queue order): once one task waited without changing anything (no start, no new head job),
+    # the rest of the run waits for the same reason and is not looked at again.
+    run_array: int | None = None
+    run_state: JobState | None = None
+    run_reason = ""
+    for job in waiting:
         s = job.spec
-        if job.state == JobState.HELD:
-            out.reasons[job.id] = R_HELD
+        if run_array is not None and s.array_id == run_array and job.state is run_state:
+            reasons[job.id] = run_reason
+            if job.reason != run_reason:
+                changed[job.id] = run_reason
             continue
-        if s.after is not None:
-            dep = deps.get(s.after)
-            if dep is None or (dep.final and dep != JobState.SUCCEEDED):
-                out.cancels.append((job.id, R_DEP_NEVER))
-                continue
-            if dep != JobState.SUCCEEDED:
-                out.reasons[job.id] = R_DEPENDENCY
-                continue
-        if s.gpus > len(all_gpus):
-            out.reasons[job.id] = R_TOO_BIG
+        run_array = None
+        had_head = shadow is not None
+        n_cancels, n_starts = len(out.cancels), len(out.starts)
+        reason = _decide(job, out, free, running, user_gpus, array_running, deps, blocked, all_gpus,
+                         policy, now, shadow)
+        if out.head == job.id:
+            shadow = out.shadow_time
+        if reason is None:
             continue
-        if policy.max_gpus_per_user and s.gpus and user_gpus[s.user] + s.gpus > policy.max_gpus_per_user:
-            out.reasons[job.id] = R_USER_GPUS
-            continue
-        if s.array_id is not None and s.array_cap is not None and array_running[s.array_id] >= s.array_cap:
-            out.reasons[job.id] = R_ARRAY_LIMIT
-            continue
-        fits = free.fits(job)
-        if shadow is None:
-            if fits:
-                _start(job, free, out, running, user_gpus, array_running, now)
-                continue
-            shadow = _shadow_time(job, free, running)
-            out.head, out.shadow_time = job.id, shadow
-            reason = R_RESOURCES
-            if blocked and len(free.gpus) < s.gpus <= len(free.gpus) + len(blocked):
-                busy = "; ".join(f"{g}: {d}" for g, d in sorted(blocked.items()))
-                reason = f"{R_RESOURCES} (GPU busy outside labq: {busy})"
-            out.reasons[job.id] = reason
-            continue
-        # Backfill: only a job whose time limit ends before the head job could start. When that
-        # start is unknown (a running job has no time limit), nothing may pass the head job.
-        if fits and s.time_limit is not None and not math.isinf(shadow) and now + s.time_limit <= shadow:
-            _start(job, free, out, running, user_gpus, array_running, now)
-            continue
-        out.reasons[job.id] = R_PRIORITY if fits else R_RESOURCES
+        reasons[job.id] = reason
+        if job.reason != reason:
+            changed[job.id] = reason
+        if (s.array_id is not None and had_head == (shadow is not None) and len(out.cancels) == n_cancels
+                and len(out.starts) == n_starts):
+            run_array, run_state, run_reason = s.array_id, job.state, reason
     return out
+
+
+_ID = attrgetter("id")
+_SUBMIT = attrgetter("submit_time")
+_PRIORITY = attrgetter("spec.priority")
+
+
+def _decide(job: Job, out: Decisions, free: _Free, running: list[Job], user_gpus: Counter[str],
+            array_running: Counter[int], deps: Mapping[int, JobState], blocked: Mapping[str, str],
+            all_gpus: Sequence[str], policy: Policy, now: float, shadow: float | None) -> str | None:
+    """One waiting job: start it (None), cancel it (None, in ``out.cancels``) or say why it waits."""
+    s = job.spec
+    if job.state == JobState.HELD:
+        return R_HELD
+    if s.after is not None:
+        dep = deps.get(s.after)
+        if dep is None or (dep.final and dep != JobState.SUCCEEDED):
+            out.cancels.append((job.id, R_DEP_NEVER))
+            return None
+        if dep != JobState.SUCCEEDED:
+            return R_DEPENDENCY
+    if s.gpus > len(all_gpus):
+        return R_TOO_BIG
+    if policy.max_gpus_per_user and s.gpus and user_gpus[s.user] + s.gpus > policy.max_gpus_per_user:
+        return R_USER_GPUS
+    if s.array_id is not None and s.array_cap is not None and array_running[s.array_id] >= s.array_cap:
+        return R_ARRAY_LIMIT
+    fits = free.fits(job)
+    if shadow is None:
+        if fits:
+            _start(job, free, out, running, user_gpus, array_running, now)
+            return None
+        shadow = _shadow_time(job, free, running)
+        out.head, out.shadow_time = job.id, shadow
+        reason = R_RESOURCES
+        if blocked and len(free.gpus) < s.gpus <= len(free.gpus) + len(blocked):
+            busy = "; ".join(f"{g}: {d}" for g, d in sorted(blocked.items()))
+            reason = f"{R_RESOURCES} (GPU busy outside labq: {busy})"
+        return reason
+    # Backfill: only a job whose time limit ends before the head job could start. When that
+    # start is unknown (a running job has no time limit), nothing may pass the head job.
+    if fits and s.time_limit is not None and not math.isinf(shadow) and now + s.time_limit <= shadow:
+        _start(job, free, out, running, user_gpus, array_running, now)
+        return None
+    return R_PRIORITY if fits else R_RESOURCES
 
 
 def _start(job: Job, free: _Free, out: Decisions, running: list[Job], user_gpus: Counter[str],

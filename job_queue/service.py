@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import fnmatch
 import os
 import re
@@ -52,6 +53,62 @@ def summary(job: Job) -> dict[str, Any]:
         "assigned_gpus": job.assigned_gpus, "exit_code": job.exit_code, "array_id": s.array_id,
         "array_index": s.array_index,
     }
+
+
+def index_ranges(values: list[int]) -> str:
+    """``[5, 6, 7, 9]`` -> ``5-7,9`` (sorted input), as squeue prints array task ranges."""
+    parts: list[str] = []
+    start = prev = values[0]
+    for v in values[1:]:
+        if v != prev + 1:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+            start = v
+        prev = v
+    parts.append(f"{start}-{prev}" if prev != start else str(start))
+    return ",".join(parts)
+
+
+def listing(jobs: list[Job], user: str | None, array_tasks: bool) -> list[dict[str, Any]]:
+    """What `labq ls` shows, in id order: every job, except that the waiting (pending or held) tasks of
+    an array are one record per array and state, like squeue (``17_[5-9999]``), unless ``array_tasks``.
+
+    A collapsed record is its first task's summary with ``array_tasks`` (the indices, e.g. ``5-9999``),
+    ``task_ids`` (the job ids, e.g. ``21-10015``) and ``task_count``; its reason is the first task's.
+    """
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple[int, JobState], tuple[dict[str, Any], list[int], list[int]]] = {}
+    pending, held = JobState.PENDING, JobState.HELD
+    # An array's tasks are next to each other in id order: the current group is kept at hand.
+    cur_array: int | None = None
+    cur_state: JobState | None = None
+    indices: list[int] = []
+    ids: list[int] = []
+    for job in jobs:
+        s = job.spec
+        if user is not None and s.user != user:
+            continue
+        state = job.state
+        array_id = s.array_id
+        if array_id is not None and array_id == cur_array and state is cur_state:
+            indices.append(s.array_index)  # type: ignore[arg-type]  # array tasks have an index
+            ids.append(job.id)
+            continue
+        if array_tasks or array_id is None or not (state is pending or state is held):
+            out.append(summary(job))
+            continue
+        group = groups.get((array_id, state))
+        if group is None:
+            record = summary(job)
+            group = groups[(array_id, state)] = (record, [], [])
+            out.append(record)
+        cur_array, cur_state, indices, ids = array_id, state, group[1], group[2]
+        indices.append(s.array_index)  # type: ignore[arg-type]
+        ids.append(job.id)
+    for record, group_indices, group_ids in groups.values():
+        record["array_tasks"] = index_ranges(sorted(group_indices))
+        record["task_ids"] = index_ranges(group_ids)
+        record["task_count"] = len(group_ids)
+    return out
 
 
 class Service:
@@ -135,12 +192,9 @@ class Service:
         specs = [base]
         if array is not None:
             arr = parse_array(array)
-            specs = []
-            for index in arr.indices:
-                d = dict(base.__dict__)
-                d.update(array_index=index, array_cap=arr.cap, groups=list(base.groups),
-                         command=list(base.command), env=dict(base.env), mounts=list(base.mounts))
-                specs.append(JobSpec(**d))
+            # The tasks share the base's lists and dicts (specs never change after submission):
+            # 10,000 tasks cost 10,000 small records, not 10,000 copies of the command and environment.
+            specs = [dataclasses.replace(base, array_index=index, array_cap=arr.cap) for index in arr.indices]
         with self.store.tx():  # counted and added in one transaction: concurrent submits cannot pass it
             limit = cfg.max_pending_per_user
             if limit:
@@ -154,11 +208,8 @@ class Service:
         self.backend.wake()
         return {"ids": ids, "array_id": ids[0] if array is not None else None}
 
-    def op_ls(self, caller: Caller, *, user: str | None) -> dict[str, Any]:
-        jobs = self.store.active_jobs()
-        if user is not None:
-            jobs = [j for j in jobs if j.user == user]
-        return {"now": self.clock(), "jobs": [summary(j) for j in jobs]}
+    def op_ls(self, caller: Caller, *, user: str | None, array_tasks: bool = False) -> dict[str, Any]:
+        return {"now": self.clock(), "jobs": listing(self.store.active_jobs(), user, array_tasks)}
 
     def op_history(self, caller: Caller, *, user: str | None, limit: int) -> dict[str, Any]:
         return {"now": self.clock(), "jobs": [summary(j) for j in self.store.history(user, limit)]}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,12 +89,38 @@ def _row_to_job(row: Sequence[Any], spec: JobSpec | None = None) -> Job:
         end_time=row[8],
         exit_code=row[9],
         oom_killed=bool(row[10]),
-        assigned_gpus=json.loads(row[11]) if row[11] != "[]" else [],
+        assigned_gpus=json.loads(row[11]) if row[11] != "[]" else _NO_GPUS,
         container_id=row[12],
         stop_reason=StopReason(row[13]) if row[13] else None,
         start_count=row[14],
         dispatch_time=row[15],
     )
+
+
+_NO_GPUS: list[str] = []
+"""The assigned_gpus of every waiting job in the index (one shared empty list: records in the index
+are replaced, never changed in place), so 100,000 pending jobs do not hold 100,000 empty lists."""
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed after a large submit back to the system (glibc keeps it otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def _share(spec: JobSpec, seen: dict[int, JobSpec]) -> JobSpec:
+    """Let an array's tasks read back from the database share their first task's lists and strings."""
+    if spec.array_id is None:
+        return spec
+    first = seen.setdefault(spec.array_id, spec)
+    if first is not spec:
+        for name in ("groups", "command", "env", "mounts", "notify", "user", "home", "cwd", "image", "name"):
+            if getattr(spec, name) == getattr(first, name):
+                setattr(spec, name, getattr(first, name))
+    return spec
 
 
 class SqliteStore:
@@ -107,7 +134,11 @@ class SqliteStore:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
         self._depth = 0
-        self._spec_cache: dict[int, JobSpec] = {}
+        self._on_commit: list[Callable[[], None]] = []
+        self._active: dict[int, Job] = {}
+        """Pending, held, starting and running jobs by id (in id order), kept in step with every
+        commit of this store; reloaded when another connection changed the database."""
+        self._data_version = -1
         for stmt in SCHEMA.strip().split(";"):
             if stmt.strip():
                 self._conn.execute(stmt)
@@ -118,6 +149,7 @@ class SqliteStore:
             row = cur.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
             self.instance: str = row[0]
             """Random id of this queue's database; its containers carry it as the ``labq.instance`` label."""
+        self._reload_active()
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Cursor]:
@@ -141,35 +173,58 @@ class SqliteStore:
                 yield cur
             except BaseException:
                 self._depth = 0
+                self._on_commit.clear()
                 cur.execute("ROLLBACK")
                 cur.close()
                 raise
             self._depth = 0
-            cur.execute("COMMIT")
-            cur.close()
+            try:
+                cur.execute("COMMIT")
+            except BaseException:
+                self._on_commit.clear()
+                raise
+            finally:
+                cur.close()
+            hooks, self._on_commit = self._on_commit, []
+            for hook in hooks:  # the in-memory index follows what was committed, never more
+                hook()
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
     def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[int]:
-        ids: list[int] = []
+        """Add jobs with consecutive ids (an array's tasks: array_id is the first id); one transaction."""
+        if not specs:
+            return []
         with self.tx() as cur:
-            array_id: int | None = None
-            for spec in specs:
-                state = JobState.HELD if spec.held else JobState.PENDING
-                cur.execute(
-                    "INSERT INTO jobs(user, state, priority, submit_time, spec) VALUES (?, ?, ?, ?, ?)",
-                    (spec.user, state.value, spec.priority, now, "{}"),
-                )
-                job_id = cur.lastrowid
-                assert job_id is not None
+            # The write lock is held from BEGIN IMMEDIATE: nobody else can take these ids.
+            row = cur.execute("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),"
+                              " coalesce((SELECT max(id) FROM jobs), 0))").fetchone()
+            first = int(row[0]) + 1
+            ids = list(range(first, first + len(specs)))
+            rows = []
+            encoded: dict[str, Any] | None = None
+            for job_id, spec in zip(ids, specs, strict=True):
                 if spec.array_index is not None:
-                    array_id = array_id or job_id
-                    spec.array_id = array_id
-                cur.execute("UPDATE jobs SET spec = ?, array_id = ? WHERE id = ?",
-                            (json.dumps(asdict(spec)), spec.array_id, job_id))
-                ids.append(job_id)
+                    spec.array_id = first
+                    if encoded is None:
+                        encoded = asdict(spec)  # the tasks differ in their index only
+                    text = json.dumps({**encoded, "array_index": spec.array_index,
+                                       "array_cap": spec.array_cap})
+                else:
+                    text = json.dumps(asdict(spec))
+                state = JobState.HELD if spec.held else JobState.PENDING
+                rows.append((job_id, spec.user, state.value, spec.priority, now, text, spec.array_id))
+            cur.executemany("INSERT INTO jobs(id, user, state, priority, submit_time, spec, array_id) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            jobs = [Job(id=job_id, spec=spec, state=JobState.HELD if spec.held else JobState.PENDING,
+                        submit_time=now, assigned_gpus=_NO_GPUS)
+                    for job_id, spec in zip(ids, specs, strict=True)]
+            del rows
+            self._on_commit.append(lambda: self._active.update((j.id, j) for j in jobs))
+        if len(ids) >= 1000:
+            _release_freed_memory()  # the encoded rows of a large array, back to the system
         return ids
 
     def _select(self, where: str, params: Sequence[Any] = ()) -> list[Job]:
@@ -183,33 +238,42 @@ class SqliteStore:
         return jobs[0] if jobs else None
 
     def active_jobs(self) -> list[Job]:
-        """Pending, held, starting and running jobs, by id.
-
-        Specs never change after submission, so parsed specs of active jobs are kept between
-        calls: the daemon reads the whole queue on every scheduling pass.
-        """
-        marks = ",".join("?" for _ in ACTIVE_STATES)
-        states = [s.value for s in ACTIVE_STATES]
+        """Pending, held, starting and running jobs, by id, from the in-memory index (no query:
+        the daemon asks on every scheduling pass and every `labq ls`). The Job records are
+        replaced, never changed, when a commit changes them, so a caller's list stays consistent."""
         with self._lock:
-            # The spec column is only read for jobs not seen before.
-            cols = _COLUMNS.replace(" spec,", " NULL,")
-            rows = self._conn.execute(
-                f"SELECT {cols} FROM jobs WHERE state IN ({marks}) ORDER BY id", states).fetchall()  # noqa: S608
-            cache, fresh = self._spec_cache, {}
-            missing = [r[0] for r in rows if r[0] not in cache]
-            for i in range(0, len(missing), 500):
-                chunk = missing[i:i + 500]
-                q = ",".join("?" for _ in chunk)
-                for job_id, text in self._conn.execute(
-                        f"SELECT id, spec FROM jobs WHERE id IN ({q})", chunk):  # noqa: S608
-                    cache[job_id] = JobSpec(**json.loads(text))
-            jobs = []
+            if self._changed_elsewhere():
+                self._reload_active()
+            return list(self._active.values())
+
+    def _changed_elsewhere(self) -> bool:
+        """True when another connection committed since this store last looked (PRAGMA data_version)."""
+        version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
+
+    def _reload_active(self) -> None:
+        marks = ",".join("?" for _ in ACTIVE_STATES)
+        with self._lock:
+            self._changed_elsewhere()
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id",  # noqa: S608
+                                      [s.value for s in ACTIVE_STATES]).fetchall()
+            shared: dict[int, JobSpec] = {}
+            active: dict[int, Job] = {}
             for row in rows:
-                spec = cache[row[0]]
-                fresh[row[0]] = spec
-                jobs.append(_row_to_job(row, spec))
-            self._spec_cache = fresh
-        return jobs
+                spec = _share(JobSpec(**json.loads(row[5])), shared)
+                active[row[0]] = _row_to_job(row, spec)
+            self._active = active
+
+    def _refresh(self, job_id: int) -> None:
+        """After a commit that changed ``job_id``: its new record in the index, or out of it if final."""
+        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchall()  # noqa: S608
+        old = self._active.get(job_id)
+        if not rows or JobState(rows[0][2]).final:
+            self._active.pop(job_id, None)
+            return
+        self._active[job_id] = _row_to_job(rows[0], old.spec if old is not None else None)
 
     def count_waiting(self, user: str) -> int:
         """How many pending or held jobs ``user`` has (the per-user limit on the queue)."""
@@ -260,6 +324,7 @@ class SqliteStore:
             cur.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*values, job_id])  # noqa: S608
             if cur.rowcount != 1:
                 raise StoreError(f"job {job_id} not found")
+            self._on_commit.append(lambda: self._refresh(job_id))
 
     def set_reasons(self, reasons: dict[int, str]) -> None:
         """Set the pending reasons of jobs that are still pending or held (one transaction)."""
@@ -267,6 +332,14 @@ class SqliteStore:
             cur.executemany(
                 "UPDATE jobs SET reason = ? WHERE id = ? AND state IN (?, ?)",
                 [(r, i, JobState.PENDING.value, JobState.HELD.value) for i, r in reasons.items()])
+            self._on_commit.append(lambda: self._apply_reasons(reasons))
+
+    def _apply_reasons(self, reasons: dict[int, str]) -> None:
+        active = self._active
+        for job_id, reason in reasons.items():
+            job = active.get(job_id)
+            if job is not None and job.state in (JobState.PENDING, JobState.HELD):
+                active[job_id] = replace(job, reason=reason)
 
     def transition(self, job_id: int, allowed: Sequence[JobState], **fields: Any) -> bool:
         """Update ``job_id`` only if it is in one of ``allowed`` states (atomically). Returns success."""
@@ -288,4 +361,7 @@ class SqliteStore:
                 "reason = '', start_count = start_count + 1 WHERE id = ? AND state = ?",
                 (JobState.STARTING.value, json.dumps(list(gpus)), now, now, job_id, JobState.PENDING.value),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._on_commit.append(lambda: self._refresh(job_id))
+            return True

@@ -160,3 +160,51 @@ def test_foreign_process_blocks_gpu_and_is_named_in_reason() -> None:
     assert "pid 42 of mallory" in d.reasons[p.id] and "g1" in d.reasons[p.id]
     d2 = schedule([q], GPUS, Policy(), 1000, unavailable={"g1": "pid 42 of mallory"})
     assert d2.starts == [(q.id, ["g0", "g2", "g3"])]
+
+
+def test_array_runs_get_the_same_decisions_as_the_same_jobs_one_by_one() -> None:
+    """The scheduler looks at a run of waiting array tasks only until one waits without changing
+    anything; the decisions must equal those for the same jobs submitted one by one."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    part = st.tuples(st.sampled_from(["single", "array", "running"]), st.integers(0, 3),
+                     st.sampled_from([None, 50, 500]), st.integers(1, 4), st.booleans(),
+                     st.sampled_from(["alice", "bob"]), st.integers(-1, 1))
+
+    @settings(max_examples=150, deadline=None)
+    @given(parts=st.lists(part, max_size=8), max_user=st.sampled_from([0, 2, 3]))
+    def check(parts: list[tuple[str, int, int | None, int, bool, str, int]], max_user: int) -> None:
+        as_arrays: list[Job] = []
+        one_by_one: list[Job] = []
+        free = list(GPUS)
+        for n, (kind, gpus, limit, tasks, hold_one, user, prio) in enumerate(parts):
+            if kind == "running":
+                if free:
+                    gs, free = free[:1], free[1:]
+                    r = running(gs, user, limit=limit)
+                    as_arrays.append(r)
+                    one_by_one.append(r)
+                continue
+            first = next(_ids)
+            for k in range(tasks if kind == "array" else 1):
+                state = JobState.HELD if hold_one and k == 1 else JobState.PENDING
+                a = job(gpus, user, state=state, submit=float(n), priority=prio, limit=limit,
+                        array=(first, k, None) if kind == "array" else None)
+                b = Job(id=a.id, spec=JobSpec(**{**_fields(a.spec), "array_id": None, "array_index": None}),
+                        state=state, submit_time=a.submit_time)
+                as_arrays.append(a)
+                one_by_one.append(b)
+        policy = Policy(max_gpus_per_user=max_user)
+        x = schedule(as_arrays, GPUS, policy, 1000.0)
+        y = schedule(one_by_one, GPUS, policy, 1000.0)
+        assert (x.starts, x.reasons, x.cancels, x.head, x.changed) == (y.starts, y.reasons, y.cancels,
+                                                                      y.head, y.changed)
+
+    check()
+
+
+def _fields(spec: JobSpec) -> dict[str, object]:
+    import dataclasses
+
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
