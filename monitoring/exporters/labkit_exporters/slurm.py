@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -39,11 +38,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from labkit_exporters.serving import serve_until_signalled
 
 LOG = logging.getLogger("labkit_slurm_exporter")
 
@@ -603,20 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = build_registry(run_command, args.timeout, args.slurm_bin_dir)
-    server, thread = start_http_server(args.port, addr=args.listen_address, registry=registry)
-    LOG.info("listening on %s:%d", args.listen_address, args.port)
-
-    stop = threading.Event()
-
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    stop.wait()
-    server.shutdown()
-    thread.join(timeout=5)
-    return 0
+    return serve_until_signalled(registry, args.port, args.listen_address, LOG)
 
 
 if __name__ == "__main__":
