@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import mon_helpers  # noqa: F401  (puts the exporter source on sys.path)
 import pytest
 import requests
 from labkit_exporters import slurm
+from mon_helpers import exporter_env, free_port, http_ok, running, wait_for
 from mon_slurm import BINARIES, SCENARIOS, SLURM_DATA, replay_bin_dir, slurm_exporter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -244,3 +247,22 @@ def test_hanging_garbled_and_missing_commands_cost_only_their_series(tmp_path: P
 def test_bad_timeout_is_refused_by_name() -> None:
     with pytest.raises(SystemExit):
         slurm.parse_args(["--timeout", "0"])
+
+
+def test_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "labkit_exporters.slurm",
+        "--listen-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    cmd += ["--slurm-bin-dir", str(replay_bin_dir(tmp_path / "bin", "busy"))]
+    with running(cmd, tmp_path / "exporter.log", env=exporter_env()) as proc:
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/metrics"), timeout=30, what="slurm exporter")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    assert "Traceback" not in (tmp_path / "exporter.log").read_text()
