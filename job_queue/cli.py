@@ -143,30 +143,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _build_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The submit request, built as the protocol's own record (protocol.Submit, the one the service
+    takes) and checked with its validators here, so a bad value is refused before it is sent."""
     if args.cmd != "submit":
         return {}
     from pathlib import Path
 
     from .durations import DurationError, SizeError, parse_duration, parse_size
+    from .protocol import ProtocolError, Submit, validate_request, wire
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise CliError("submit: no command given (use: labq submit --gpus N -- CMD ARGS)", EXIT_USAGE)
-    req: dict[str, Any] = {"command": command, "gpus": args.gpus, "priority": args.priority}
     try:
-        req["cwd"] = str(Path.cwd())
+        cwd = str(Path.cwd())
     except OSError:
-        req["cwd"] = str(Path.home())
-    for key in ("image", "name", "cpus", "after", "array"):
-        if getattr(args, key) is not None:
-            req[key] = getattr(args, key)
+        cwd = str(Path.home())
     try:
-        if args.time is not None:
-            req["time_limit"] = parse_duration(args.time)
-        if args.mem is not None:
-            req["mem"] = parse_size(args.mem)
+        time_limit = parse_duration(args.time) if args.time is not None else None
+        mem = parse_size(args.mem) if args.mem is not None else None
     except (DurationError, SizeError) as exc:
         raise CliError(f"{'time' if isinstance(exc, DurationError) else 'mem'}: {exc}", EXIT_USAGE) from exc
     env: dict[str, str] = {}
@@ -175,17 +172,18 @@ def _build_request(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise CliError(f"env: '{item}' is not K=V", EXIT_USAGE)
         env[key] = value
-    if env:
-        req["env"] = env
-    if args.mount:
-        req["mounts"] = args.mount
-    if args.hold:
-        req["hold"] = True
-    if args.host_network:
-        req["host_network"] = True
-    if args.notify is not None:
-        req["notify"] = parse_notify_events(args.notify)
-    return req
+    request = Submit(command=command, cwd=cwd, gpus=args.gpus, image=args.image, name=args.name,
+                     time_limit=time_limit, cpus=args.cpus, mem=mem, env=env, mounts=list(args.mount),
+                     after=args.after, priority=args.priority, array=args.array,
+                     host_network=args.host_network, hold=args.hold,
+                     notify=parse_notify_events(args.notify) if args.notify is not None else None)
+    fields = wire("submit", request)
+    try:
+        validate_request(fields)
+    except ProtocolError as exc:
+        raise CliError(exc.message, EXIT_USAGE) from exc
+    del fields["v"], fields["op"]
+    return fields
 
 
 def parse_notify_events(text: str) -> list[str]:

@@ -20,30 +20,70 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from .api import ApiServer, raise_fd_limit
 from .config import Config, ConfigError, load_config
+from .exits import classify_exit, start_failure
 from .gpus import GpuInfo, Inventory, make_inventory
 from .metrics import Metrics
 from .models import Job, JobState, StopReason
 from .notify import Notifier, NotifyConfigError, load_secrets
 from .reaper import Reaper
+from .reconcile import DISAPPEARED, Adopt, Leftover, MarkCancelled, MarkDisappeared, ResumeStart
+from .reconcile import plan as plan_reconcile
 from .runtime import ContainerEvent, ContainerInfo, DockerRuntime, Runtime, RuntimeError_
 from .scheduler import Policy, schedule
 from .service import Service, log_path
-from .store import SqliteStore
+from .store import SqliteStore, Store
 
 log = logging.getLogger("labqd")
 
-Message = tuple[Any, ...]
 IMAGE_CACHE_S = 60.0
 
 
+# Messages to the main loop (it blocks on its queue of these; it never sleep-polls).
+@dataclass(frozen=True)
+class Wake:
+    """Something changed (a request, a signal): run a scheduling pass."""
+
+
+@dataclass(frozen=True)
+class Died:
+    """A job's container ended (Docker ``die`` event with its exit code, or its log stream ended)."""
+
+    cid: str
+    job_id: int
+    event: ContainerEvent | None = None
+
+
+@dataclass(frozen=True)
+class Oom:
+    cid: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """A start worker's result: the container id, or the error that fails the job (both None: retry)."""
+
+    job_id: int
+    cid: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    """Match the store against Docker again (event stream reconnected, start to resume)."""
+
+
+Message = Wake | Died | Oom | Started | Reconcile
+
+
 class Daemon:
-    def __init__(self, cfg: Config, store: SqliteStore, runtime: Runtime, inventory: Inventory,
+    def __init__(self, cfg: Config, store: Store, runtime: Runtime, inventory: Inventory,
                  clock: Callable[[], float] = time.time, parallel_starts: int = 8) -> None:
         self.cfg = cfg
         self.store = store
@@ -53,27 +93,28 @@ class Daemon:
         self.queue: queue.Queue[Message] = queue.Queue()
         self._stopping = False
         self.next_deadline: float | None = None
-        self.reaper = Reaper(cfg, store, runtime, lambda cid, job_id: self.queue.put(("die", cid, job_id)))
+        self.reaper = Reaper(cfg, store, runtime, lambda cid, job_id: self.queue.put(Died(cid, job_id)))
         # `docker stop` blocks for up to kill_grace: stops get their own threads.
         self._stoppers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="labq-stop")
         self._starters = None
         if parallel_starts > 0:
             self._starters = ThreadPoolExecutor(parallel_starts, thread_name_prefix="labq-start")
         self._images_seen: dict[str, float] = {}
+        self._start_attempts: dict[int, int] = {}
         self._gpus: list[GpuInfo] = inventory.snapshot(())
         self._gpus_read = clock()
         self.service = Service(cfg, store, self, clock)
         self.policy = Policy(max_gpus_per_user=cfg.max_gpus_per_user, node_cpus=cfg.effective_cpus(),
                              node_mem=cfg.effective_mem())
         self.api: ApiServer | None = None
-        self.metrics = Metrics(self.store.active_jobs, self.gpu_report)
+        self.metrics = Metrics(self.store.unfinished_jobs, self.gpu_report)
         self.notifier = Notifier(cfg.notify, self.store.get, socket.gethostname(), self.wait_log,
                                  lambda job_id: log_path(cfg, job_id), self.metrics.notification)
         self.notifier.start()
 
     # ------------------------------------------------------------ Backend for the service
     def wake(self) -> None:
-        self.queue.put(("wake",))
+        self.queue.put(Wake())
 
     def request_stop(self, job_id: int) -> None:
         self._stoppers.submit(self._stop, job_id)
@@ -102,7 +143,7 @@ class Daemon:
 
     def gpu_report(self) -> list[dict[str, Any]]:
         by_gpu: dict[str, Job] = {}
-        for active in self.store.active_jobs():
+        for active in self.store.unfinished_jobs():
             for gid in active.assigned_gpus:
                 by_gpu[gid] = active
         out = []
@@ -155,7 +196,7 @@ class Daemon:
                 try:
                     self._handle(msg)
                 except Exception:  # one bad message must not cost the others
-                    log.exception("error handling %s; continuing", msg[0])
+                    log.exception("error handling %s; continuing", type(msg).__name__)
             try:
                 self.schedule_pass()
             except Exception:
@@ -163,14 +204,17 @@ class Daemon:
         self.shutdown()
 
     def _handle(self, msg: Message) -> None:
-        if msg[0] == "die":
-            self.on_exit(msg[1], msg[2], event=msg[3] if len(msg) > 3 else None)
-        elif msg[0] == "oom":
-            self.reaper.note_oom(msg[1])
-        elif msg[0] == "started":
-            self._on_started(msg[1], msg[2], msg[3])
-        elif msg[0] == "reconcile":
-            self.reconcile()
+        match msg:
+            case Died(cid, job_id, event):
+                self.on_exit(cid, job_id, event=event)
+            case Oom(cid):
+                self.reaper.note_oom(cid)
+            case Started(job_id, cid, error):
+                self._on_started(job_id, cid, error)
+            case Reconcile():
+                self.reconcile()
+            case Wake():
+                pass  # the pass after the batch is what it asked for
 
     def shutdown(self) -> None:
         """Drain: stop listening, leave running containers running, close the store."""
@@ -201,15 +245,15 @@ class Daemon:
                 subscribed.set()
                 for ev in events:
                     if ev.kind == "oom":
-                        self.queue.put(("oom", ev.cid))
+                        self.queue.put(Oom(ev.cid))
                     elif ev.kind == "die":
-                        self.queue.put(("die", ev.cid, ev.job_id, ev))
+                        self.queue.put(Died(ev.cid, ev.job_id, ev))
             except Exception:
                 log.exception("docker event stream failed; reconnecting")
             if self.stopping():
                 return
             time.sleep(1)  # back-off before reconnecting to dockerd, then catch up
-            self.queue.put(("reconcile",))
+            self.queue.put(Reconcile())
 
     # ------------------------------------------------------------ scheduling
     def _refresh_gpus(self, jobs: list[Job]) -> None:
@@ -228,7 +272,7 @@ class Daemon:
 
     def _schedule_pass(self) -> None:
         for _ in range(100):  # a cancellation can make dependants fail in turn
-            jobs = self.store.active_jobs()
+            jobs = self.store.unfinished_jobs()
             self._refresh_gpus(jobs)
             deps = self.store.states(j.spec.after for j in jobs if j.spec.after is not None)
             unavailable = {g.id: "; ".join(p.describe() for p in g.foreign) for g in self._gpus if g.foreign}
@@ -263,7 +307,7 @@ class Daemon:
             def run() -> None:
                 with self.reaper.starting():
                     result = self._create(job)
-                self.queue.put(("started", *result))
+                self.queue.put(Started(*result))
 
             self._starters.submit(run)
 
@@ -276,9 +320,17 @@ class Daemon:
             return job.id, cid, None
         except RuntimeError_ as exc:
             return job.id, None, str(exc)
-        except Exception:
-            log.exception("job %d: docker unreachable; the start resumes on the next reconcile", job.id)
-            retry = threading.Timer(5.0, self.queue.put, args=(("reconcile",),))
+        except Exception as exc:
+            attempts = self._start_attempts.get(job.id, 0) + 1
+            self._start_attempts[job.id] = attempts
+            failure = start_failure(exc, attempts)
+            if failure is not None:  # not "unreachable": the GPUs are not held forever
+                log.error("job %d: start failed %d times, the last with %s", job.id, attempts, exc)
+                self._start_attempts.pop(job.id, None)
+                return job.id, None, failure
+            log.exception("job %d: docker call failed (try %d); the start resumes on the next reconcile",
+                          job.id, attempts)
+            retry = threading.Timer(5.0, self.queue.put, args=(Reconcile(),))
             retry.daemon = True
             retry.start()
             return job.id, None, None
@@ -291,6 +343,7 @@ class Daemon:
             return
         if cid is None:
             return
+        self._start_attempts.pop(job_id, None)
         # A very short job may already be recorded as finished (its exit was seen first).
         # The run time (and so the time limit) counts from here, not from the decision to start.
         if not self.store.transition(job_id, [JobState.STARTING], state=JobState.RUNNING, container_id=cid,
@@ -357,20 +410,7 @@ class Daemon:
             self.reaper.finish(job, cid)
             return
         code = info.exit_code
-        if job.stop_reason == StopReason.CANCEL:
-            state, reason = JobState.CANCELLED, job.reason or "cancelled"
-        elif job.stop_reason == StopReason.TIME_LIMIT:
-            state, reason = JobState.TIMEOUT, "TimeLimit"
-        elif code == 0 and not info.oom_killed:
-            state, reason = JobState.SUCCEEDED, ""
-        else:
-            state = JobState.FAILED
-            if info.oom_killed:
-                reason = "OOM killed"
-            elif code is not None and 128 < code < 160:
-                reason = f"killed by signal {code - 128} (exit code {code})"
-            else:
-                reason = f"exit code {code}"
+        state, reason = classify_exit(job.stop_reason, code, info.oom_killed, job.reason)
         log.debug("job %d: exit %s recorded", job_id, code)
         self.reaper.expect_output(job_id)
         self.store.update(job_id, state=state, reason=reason, exit_code=code, oom_killed=info.oom_killed,
@@ -390,43 +430,46 @@ class Daemon:
             self.notifier.job_changed(job)
 
     def reconcile(self) -> None:
-        """Match the store against labq-labelled containers after a (re)start or lost event stream."""
-        containers = {c.job_id: c for c in self.runtime.list_jobs() if c.job_id is not None}
-        for job in self.store.active_jobs():
-            if not job.state.active:
-                continue
-            info = containers.pop(job.id, None)
-            if info is None:
-                if job.state == JobState.STARTING and job.stop_reason == StopReason.CANCEL:
-                    self.store.update(job.id, state=JobState.CANCELLED, end_time=self.clock())
-                elif job.state == JobState.STARTING:
-                    log.info("job %d: resuming interrupted start", job.id)
-                    self._on_started(*self._create(job))
-                else:
-                    self.store.update(job.id, state=JobState.FAILED, end_time=self.clock(),
-                                      reason="container disappeared while labqd was not running")
-                continue
-            if info.status == "created":
+        """Match the store against labq-labelled containers after a (re)start or lost event stream
+        (the plan is reconcile.plan, pure; this carries it out)."""
+        jobs = self.store.unfinished_jobs()
+        active = {j.id for j in jobs if j.state.active}
+        containers = []
+        for info in self.runtime.list_jobs():
+            if info.status == "created" and info.job_id in active:  # labqd died between create and start
                 with contextlib.suppress(Exception):
                     self.runtime.start_created(info.id)
                 info = self.runtime.inspect(info.id) or info
-            if job.state == JobState.STARTING or job.container_id != info.id:
-                self.store.update(job.id, state=JobState.RUNNING, container_id=info.id)
-                job.container_id = info.id
-            if info.finished:
-                self.on_exit(info.id, job.id, info)
-            else:
-                log.info("job %d: re-adopted container %s", job.id, info.id[:12])
-                self.reaper.follow(job, info.id)
-                if job.stop_reason is not None:
-                    self.request_stop(job.id)
-        for job_id, info in containers.items():
-            known = self.store.get(job_id)
-            if known is None:
-                log.warning("container %s is labelled labq.job=%d but there is no such job; leaving it",
-                            info.id[:12], job_id)
-            elif info.finished:
-                self.reaper.finish(known, info.id)
+            containers.append(info)
+        by_id = {j.id: j for j in jobs}
+        for action in plan_reconcile(jobs, containers):
+            match action:
+                case MarkCancelled(job_id):
+                    self.store.update(job_id, state=JobState.CANCELLED, end_time=self.clock())
+                case ResumeStart(job_id):
+                    log.info("job %d: resuming interrupted start", job_id)
+                    self._on_started(*self._create(by_id[job_id]))
+                case MarkDisappeared(job_id):
+                    self.store.update(job_id, state=JobState.FAILED, end_time=self.clock(),
+                                      reason=DISAPPEARED)
+                case Adopt(job_id, info, record_running, exited, stop):
+                    if record_running:
+                        self.store.update(job_id, state=JobState.RUNNING, container_id=info.id)
+                    if exited:
+                        self.on_exit(info.id, job_id, info)
+                        continue
+                    log.info("job %d: re-adopted container %s", job_id, info.id[:12])
+                    self.reaper.follow(by_id[job_id], info.id)
+                    if stop:
+                        self.request_stop(job_id)
+                case Leftover(info):
+                    assert info.job_id is not None
+                    known = self.store.get(info.job_id)
+                    if known is None:
+                        log.warning("container %s is labelled labq.job=%d but there is no such job; "
+                                    "leaving it", info.id[:12], info.job_id)
+                    elif info.finished:
+                        self.reaper.finish(known, info.id)
 
 
 def _prepare_dirs(cfg: Config) -> None:

@@ -2,15 +2,17 @@
 
 Processes on a GPU that do not belong to a labq container are "foreign": that GPU is not given
 to jobs and the process (user, pid, memory) is reported by ``labq gpus`` and in pending reasons.
+Processes, their containers, owners and memory are read by job_queue/gpuprocs.py, shared with the
+GPU-user exporter.
 """
 
 from __future__ import annotations
 
-import pwd
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
+
+from .gpuprocs import ProcFs, gpu_processes, user_name
 
 
 @dataclass(frozen=True)
@@ -53,27 +55,6 @@ class FakeInventory:
         return [GpuInfo(id=g, index=i) for i, g in enumerate(self._ids)]
 
 
-def _user_of(pid: int, proc_root: Path) -> str:
-    try:
-        uid = (proc_root / str(pid)).stat().st_uid
-    except OSError:
-        return "?"
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _in_containers(pid: int, own_containers: Collection[str], proc_root: Path) -> bool:
-    if not own_containers:
-        return False
-    try:
-        cgroup = (proc_root / str(pid) / "cgroup").read_text()
-    except OSError:
-        return False
-    return any(cid in cgroup for cid in own_containers)
-
-
 class NvmlInventory:
     """Reads GPUs and their compute/graphics processes through NVML."""
 
@@ -85,11 +66,12 @@ class NvmlInventory:
 
             nvml = pynvml
         self._nvml = nvml
-        self._proc = Path(proc_root)
+        self._proc = ProcFs(proc_root)
         self._nvml.nvmlInit()
 
     def snapshot(self, own_containers: Collection[str]) -> list[GpuInfo]:
         nv = self._nvml
+        own = set(own_containers)
         out: list[GpuInfo] = []
         for index in range(nv.nvmlDeviceGetCount()):
             handle = nv.nvmlDeviceGetHandleByIndex(index)
@@ -98,21 +80,24 @@ class NvmlInventory:
             name = nv.nvmlDeviceGetName(handle)
             name = name.decode() if isinstance(name, bytes) else str(name)
             total = int(nv.nvmlDeviceGetMemoryInfo(handle).total)
-            procs: dict[int, ForeignProcess] = {}
-            for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
-                fn = getattr(nv, getter, None)
-                if fn is None:
-                    continue
-                for p in fn(handle):
-                    pid = int(p.pid)
-                    if pid in procs or _in_containers(pid, own_containers, self._proc):
-                        continue
-                    mem = getattr(p, "usedGpuMemory", None)
-                    procs[pid] = ForeignProcess(pid=pid, user=_user_of(pid, self._proc),
-                                                memory_bytes=int(mem) if mem is not None else None)
-            out.append(GpuInfo(id=uuid, index=index, name=name, memory_total=total,
-                               foreign=tuple(procs.values())))
+            foreign = tuple(ForeignProcess(pid=p.pid, user=self._owner(p.pid), memory_bytes=p.used_bytes)
+                            for p in gpu_processes(nv, handle) if not self._ours(p.pid, own))
+            out.append(GpuInfo(id=uuid, index=index, name=name, memory_total=total, foreign=foreign))
         return out
+
+    def _ours(self, pid: int, own: set[str]) -> bool:
+        if not own:
+            return False
+        try:
+            return self._proc.container_id(pid) in own
+        except OSError:
+            return False  # exited meanwhile, or unreadable: counts as foreign until the next read
+
+    def _owner(self, pid: int) -> str:
+        try:
+            return user_name(self._proc.uid(pid))
+        except (OSError, ValueError):
+            return "?"
 
 
 def make_inventory(fake_ids: Collection[str] | None) -> Inventory:

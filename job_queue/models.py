@@ -24,6 +24,8 @@ class JobState(StrEnum):
 
     @property
     def active(self) -> bool:
+        """Starting or running: the job holds its GPUs and (soon) a container. Jobs that are not
+        final yet (also pending and held) are "unfinished" (``Store.unfinished_jobs``)."""
         return self in (JobState.STARTING, JobState.RUNNING)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -217,54 +217,130 @@ def v_array(field: str, value: Any) -> str:
     return text
 
 
-# ---------------------------------------------------------------- op schemas
+# ---------------------------------------------------------------- one typed request per op
+# The records are the one definition of each operation's fields and defaults: the service's
+# handlers take them, the CLI builds them (and checks them with validate_request before sending).
 
-OPS: dict[str, dict[str, tuple[Validator, bool, Any]]] = {
-    # field: (validator, required, default)
-    "ping": {},
-    "submit": {
-        "command": (v_command, True, None),
-        "cwd": (v_str(MAX_PATH), True, None),
-        "gpus": (v_int(0, MAX_GPUS_PER_JOB), True, None),
-        "image": (v_opt(v_str(MAX_IMAGE, _IMAGE_RE, "image name")), False, None),
-        "name": (v_opt(v_str(MAX_NAME, _NAME_RE, "job name")), False, None),
-        "time_limit": (v_opt(v_int(1, MAX_TIME_LIMIT)), False, None),
-        "cpus": (v_opt(v_cpus), False, None),
-        "mem": (v_opt(v_int(1, 2**50)), False, None),
-        "env": (v_env, False, {}),
-        "mounts": (v_mounts, False, []),
-        "after": (v_opt(v_int(1, 2**62)), False, None),
-        "priority": (v_int(*PRIORITY_RANGE), False, 0),
-        "array": (v_opt(v_array), False, None),
-        "host_network": (v_bool, False, False),
-        "hold": (v_bool, False, False),
-        "notify": (v_opt(v_notify), False, None),
-    },
-    "ls": {
-        "user": (v_opt(v_str(64, _USER_RE, "user name")), False, None),
-        "array_tasks": (v_bool, False, False),
-    },
-    "show": {"id": (v_int(1, 2**62), True, None)},
-    "logs": {
-        "id": (v_int(1, 2**62), True, None),
-        "offset": (v_int(0, 2**62), False, 0),
-        "max_bytes": (v_int(1, 4 * 1024 * 1024), False, 1024 * 1024),
-    },
-    "cancel": {"ids": (v_ids, True, None)},
-    "hold": {"ids": (v_ids, True, None)},
-    "release": {"ids": (v_ids, True, None)},
-    "gpus": {},
-    "history": {
-        "user": (v_opt(v_str(64, _USER_RE, "user name")), False, None),
-        "limit": (v_int(1, MAX_HISTORY), False, 50),
-    },
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True)
+class Submit:
+    command: list[str]
+    cwd: str
+    gpus: int
+    image: str | None = None
+    name: str | None = None
+    time_limit: int | None = None
+    cpus: float | None = None
+    mem: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    mounts: list[str] = field(default_factory=list)
+    after: int | None = None
+    priority: int = 0
+    array: str | None = None
+    host_network: bool = False
+    hold: bool = False
+    notify: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Ls:
+    user: str | None = None
+    array_tasks: bool = False
+
+
+@dataclass(frozen=True)
+class Show:
+    id: int
+
+
+@dataclass(frozen=True)
+class Logs:
+    id: int
+    offset: int = 0
+    max_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Ids:
+    """cancel, hold and release."""
+
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class Gpus:
+    pass
+
+
+@dataclass(frozen=True)
+class History:
+    user: str | None = None
+    limit: int = 50
+
+
+RequestArgs = Ping | Submit | Ls | Show | Logs | Ids | Gpus | History
+
+_USER = v_opt(v_str(64, _USER_RE, "user name"))
+_ID = v_int(1, 2**62)
+RECORDS: dict[str, tuple[type[RequestArgs], dict[str, Validator]]] = {
+    "ping": (Ping, {}),
+    "submit": (Submit, {
+        "command": v_command, "cwd": v_str(MAX_PATH), "gpus": v_int(0, MAX_GPUS_PER_JOB),
+        "image": v_opt(v_str(MAX_IMAGE, _IMAGE_RE, "image name")),
+        "name": v_opt(v_str(MAX_NAME, _NAME_RE, "job name")),
+        "time_limit": v_opt(v_int(1, MAX_TIME_LIMIT)), "cpus": v_opt(v_cpus), "mem": v_opt(v_int(1, 2**50)),
+        "env": v_env, "mounts": v_mounts, "after": v_opt(_ID), "priority": v_int(*PRIORITY_RANGE),
+        "array": v_opt(v_array), "host_network": v_bool, "hold": v_bool, "notify": v_opt(v_notify),
+    }),
+    "ls": (Ls, {"user": _USER, "array_tasks": v_bool}),
+    "show": (Show, {"id": _ID}),
+    "logs": (Logs, {"id": _ID, "offset": v_int(0, 2**62), "max_bytes": v_int(1, 4 * 1024 * 1024)}),
+    "cancel": (Ids, {"ids": v_ids}),
+    "hold": (Ids, {"ids": v_ids}),
+    "release": (Ids, {"ids": v_ids}),
+    "gpus": (Gpus, {}),
+    "history": (History, {"user": _USER, "limit": v_int(1, MAX_HISTORY)}),
 }
+
+
+def _schema(record: type[RequestArgs],
+            validators: dict[str, Validator]) -> dict[str, tuple[Validator, bool, Any]]:
+    out: dict[str, tuple[Validator, bool, Any]] = {}
+    for f in fields(record):
+        factory = f.default_factory
+        required = f.default is MISSING and not callable(factory)
+        default = factory() if callable(factory) else (None if required else f.default)
+        out[f.name] = (validators[f.name], required, default)  # a field without a validator fails here
+    if set(validators) - set(out):
+        raise TypeError(f"{record.__name__}: validators for no field: {sorted(set(validators) - set(out))}")
+    return out
+
+
+OPS: dict[str, dict[str, tuple[Validator, bool, Any]]] = {op: _schema(*spec) for op, spec in RECORDS.items()}
+"""op -> field -> (validator, required, default), derived from the records (docs, tests, fuzzing)."""
+
+
+def wire(op: str, args: RequestArgs) -> dict[str, Any]:
+    """The request line's object for ``args``: its fields that differ from their defaults."""
+    defaults = OPS[op]
+    out: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op}
+    for f in fields(args):
+        value = getattr(args, f.name)
+        _, required, default = defaults[f.name]
+        if required or value != default:
+            out[f.name] = value
+    return out
 
 
 @dataclass(frozen=True)
 class Request:
     op: str
-    args: dict[str, Any]
+    args: RequestArgs
 
 
 def decode_request(raw: bytes, max_bytes: int = 1024 * 1024) -> Request:
@@ -300,20 +376,18 @@ def validate_request(data: Any) -> Request:
     schema = OPS.get(op)
     if schema is None:
         raise invalid(f"op: unknown operation '{op[:40]}'")
-    args: dict[str, Any] = {}
     for key in data:
         if key in ("v", "op"):
             continue
         if key not in schema:
             raise invalid(f"{str(key)[:40]}: unknown field for '{op}'")
-    for key, (check, required, default) in schema.items():
+    values: dict[str, Any] = {}
+    for key, (check, required, _default) in schema.items():
         if key in data:
-            args[key] = check(key, data[key])
+            values[key] = check(key, data[key])
         elif required:
             raise invalid(f"{key}: required for '{op}'")
-        else:
-            args[key] = default
-    return Request(op, args)
+    return Request(op, RECORDS[op][0](**values))  # missing optional fields: the record's defaults
 
 
 def ok(result: Any) -> dict[str, Any]:

@@ -20,13 +20,13 @@ from .config import Config
 from .models import Job, JobState
 from .runtime import Runtime
 from .service import log_path
-from .store import SqliteStore
+from .store import Store
 
 log = logging.getLogger("labqd.reaper")
 
 
 class Reaper:
-    def __init__(self, cfg: Config, store: SqliteStore, runtime: Runtime,
+    def __init__(self, cfg: Config, store: Store, runtime: Runtime,
                  on_stream_end: Callable[[str, int], None]) -> None:
         self.cfg = cfg
         self.store = store

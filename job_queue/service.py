@@ -15,9 +15,23 @@ from typing import Any, Protocol
 from .config import Config
 from .identity import Caller
 from .models import Job, JobSpec, JobState, StopReason
-from .protocol import ErrorCode, ProtocolError, Request, invalid, parse_array
+from .protocol import (
+    ErrorCode,
+    Gpus,
+    History,
+    Ids,
+    Logs,
+    Ls,
+    Ping,
+    ProtocolError,
+    Request,
+    Show,
+    Submit,
+    invalid,
+    parse_array,
+)
 from .runtime import working_dir
-from .store import SqliteStore
+from .store import Store
 
 
 class Backend(Protocol):
@@ -112,7 +126,7 @@ def listing(jobs: list[Job], user: str | None, array_tasks: bool) -> list[dict[s
 
 
 class Service:
-    def __init__(self, cfg: Config, store: SqliteStore, backend: Backend,
+    def __init__(self, cfg: Config, store: Store, backend: Backend,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.store = store
@@ -121,7 +135,7 @@ class Service:
 
     def handle(self, caller: Caller, req: Request) -> Any:
         handler = getattr(self, f"op_{req.op}")
-        return handler(caller, **req.args)
+        return handler(caller, req.args)
 
     # ------------------------------------------------------------ helpers
     def _job(self, job_id: int) -> Job:
@@ -139,15 +153,13 @@ class Service:
         return jobs
 
     # ------------------------------------------------------------ ops
-    def op_ping(self, caller: Caller) -> dict[str, Any]:
+    def op_ping(self, caller: Caller, _: Ping) -> dict[str, Any]:
         return {"user": caller.user, "admin": caller.is_admin, "version": 1}
 
-    def op_submit(self, caller: Caller, *, command: list[str], cwd: str, gpus: int, image: str | None,
-                  name: str | None, time_limit: int | None, cpus: float | None, mem: int | None,
-                  env: dict[str, str], mounts: list[str], after: int | None, priority: int,
-                  array: str | None, host_network: bool, hold: bool,
-                  notify: list[str] | None = None) -> dict[str, Any]:
+    def op_submit(self, caller: Caller, r: Submit) -> dict[str, Any]:
         cfg = self.cfg
+        command, cwd, gpus, cpus, mem, mounts, array = (r.command, r.cwd, r.gpus, r.cpus, r.mem, r.mounts,
+                                                        r.array)
         size = sum(len(a.encode()) + 1 for a in command)
         if size > cfg.max_command_bytes:
             raise invalid(f"command: {size} bytes, over the limit of {cfg.max_command_bytes}")
@@ -164,9 +176,9 @@ class Service:
             if m not in cfg.mounts:
                 allowed = ", ".join(sorted(cfg.mounts)) or "none"
                 raise invalid(f"mounts: '{m}' is not on the allow-list (allowed: {allowed})")
-        if host_network and not cfg.allow_host_network:
+        if r.host_network and not cfg.allow_host_network:
             raise invalid("host_network: not allowed by lab policy on this node")
-        if priority > 0 and not caller.is_admin:
+        if r.priority > 0 and not caller.is_admin:
             raise ProtocolError(ErrorCode.PERMISSION, "priority: only admins may set a priority above 0")
         if not cwd.startswith("/"):
             raise invalid("cwd: must be an absolute path")
@@ -175,19 +187,19 @@ class Service:
             # A home of "/" would mount the whole host into the container.
             raise ProtocolError(ErrorCode.PERMISSION, f"home: the home directory of {caller.user} "
                                 f"('{caller.home}') cannot be mounted")
-        img = image or cfg.default_image
+        img = r.image or cfg.default_image
         if cfg.allowed_images and not any(fnmatch.fnmatchcase(img, p) for p in cfg.allowed_images):
             raise invalid(f"image: '{img}' is not allowed on this node")
         if not self.backend.image_exists(img):
             raise invalid(f"image: unknown image '{img}' (not present on this node)")
-        if after is not None and self.store.get(after) is None:
-            raise invalid(f"after: no job {after}")
+        if r.after is not None and self.store.get(r.after) is None:
+            raise invalid(f"after: no job {r.after}")
         base = JobSpec(
             user=caller.user, uid=caller.uid, gid=caller.gid, groups=list(caller.groups), home=caller.home,
             cwd=working_dir(caller.home, cwd), image=img, command=command, gpus=gpus,
-            name=name or _default_name(command), time_limit=time_limit, cpus=cpus, mem=mem, env=env,
-            mounts=mounts, after=after, priority=priority, host_network=host_network, held=hold,
-            notify=notify,
+            name=r.name or _default_name(command), time_limit=r.time_limit, cpus=cpus, mem=mem,
+            env=dict(r.env), mounts=list(mounts), after=r.after, priority=r.priority,
+            host_network=r.host_network, held=r.hold, notify=r.notify,
         )
         specs = [base]
         if array is not None:
@@ -208,14 +220,14 @@ class Service:
         self.backend.wake()
         return {"ids": ids, "array_id": ids[0] if array is not None else None}
 
-    def op_ls(self, caller: Caller, *, user: str | None, array_tasks: bool = False) -> dict[str, Any]:
-        return {"now": self.clock(), "jobs": listing(self.store.active_jobs(), user, array_tasks)}
+    def op_ls(self, caller: Caller, r: Ls) -> dict[str, Any]:
+        return {"now": self.clock(), "jobs": listing(self.store.unfinished_jobs(), r.user, r.array_tasks)}
 
-    def op_history(self, caller: Caller, *, user: str | None, limit: int) -> dict[str, Any]:
-        return {"now": self.clock(), "jobs": [summary(j) for j in self.store.history(user, limit)]}
+    def op_history(self, caller: Caller, r: History) -> dict[str, Any]:
+        return {"now": self.clock(), "jobs": [summary(j) for j in self.store.history(r.user, r.limit)]}
 
-    def op_show(self, caller: Caller, *, id: int) -> dict[str, Any]:
-        job = self._job(id)
+    def op_show(self, caller: Caller, r: Show) -> dict[str, Any]:
+        job = self._job(r.id)
         out = job.to_dict()
         out["log"] = log_path(self.cfg, job.id)
         out["now"] = self.clock()
@@ -223,8 +235,9 @@ class Service:
             out["env"] = {}  # other users' environments may hold secrets
         return out
 
-    def op_logs(self, caller: Caller, *, id: int, offset: int, max_bytes: int) -> dict[str, Any]:
-        job = self._owned(caller, [id], "read the output of")[0]
+    def op_logs(self, caller: Caller, r: Logs) -> dict[str, Any]:
+        offset, max_bytes = r.offset, r.max_bytes
+        job = self._owned(caller, [r.id], "read the output of")[0]
         if job.state.final:
             self.backend.wait_log(job.id, 10.0)
         path = log_path(self.cfg, job.id)
@@ -241,8 +254,8 @@ class Service:
         return {"data": base64.b64encode(data).decode(), "offset": new_offset,
                 "eof": new_offset >= size, "state": job.state.value}
 
-    def op_cancel(self, caller: Caller, *, ids: list[int]) -> dict[str, Any]:
-        jobs = self._owned(caller, ids, "cancel")
+    def op_cancel(self, caller: Caller, r: Ids) -> dict[str, Any]:
+        jobs = self._owned(caller, r.ids, "cancel")
         results = []
         now = self.clock()
         for job in jobs:
@@ -273,11 +286,11 @@ class Service:
         self.backend.wake()
         return {"ids": done}
 
-    def op_hold(self, caller: Caller, *, ids: list[int]) -> dict[str, Any]:
-        return self._toggle(caller, ids, "hold", JobState.PENDING, JobState.HELD)
+    def op_hold(self, caller: Caller, r: Ids) -> dict[str, Any]:
+        return self._toggle(caller, r.ids, "hold", JobState.PENDING, JobState.HELD)
 
-    def op_release(self, caller: Caller, *, ids: list[int]) -> dict[str, Any]:
-        return self._toggle(caller, ids, "release", JobState.HELD, JobState.PENDING)
+    def op_release(self, caller: Caller, r: Ids) -> dict[str, Any]:
+        return self._toggle(caller, r.ids, "release", JobState.HELD, JobState.PENDING)
 
-    def op_gpus(self, caller: Caller) -> dict[str, Any]:
+    def op_gpus(self, caller: Caller, _: Gpus) -> dict[str, Any]:
         return {"gpus": self.backend.gpu_report()}

@@ -8,14 +8,14 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from .models import FINAL_STATES, Job, JobSpec, JobState, StopReason
 
-ACTIVE_STATES = (JobState.PENDING, JobState.HELD, JobState.STARTING, JobState.RUNNING)
+UNFINISHED_STATES = (JobState.PENDING, JobState.HELD, JobState.STARTING, JobState.RUNNING)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -59,11 +59,16 @@ class StoreError(RuntimeError):
 
 
 class Store(Protocol):
-    """What the daemon needs from storage; every method commits before it returns."""
+    """What the daemon, the service and the reaper need from storage (they are typed against this,
+    SqliteStore is the one implementation); every method commits before it returns, unless called
+    inside ``tx()``, whose changes commit (or roll back) together."""
+
+    def tx(self) -> AbstractContextManager[Any]: ...
+    def transition(self, job_id: int, allowed: Sequence[JobState], **fields: Any) -> bool: ...
 
     def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[int]: ...
     def get(self, job_id: int) -> Job | None: ...
-    def active_jobs(self) -> list[Job]: ...
+    def unfinished_jobs(self) -> list[Job]: ...
     def count_waiting(self, user: str) -> int: ...
     def states(self, ids: Iterable[int]) -> dict[int, JobState]: ...
     def history(self, user: str | None, limit: int) -> list[Job]: ...
@@ -135,7 +140,7 @@ class SqliteStore:
         self._conn.execute("PRAGMA synchronous = FULL")
         self._depth = 0
         self._on_commit: list[Callable[[], None]] = []
-        self._active: dict[int, Job] = {}
+        self._unfinished: dict[int, Job] = {}
         """Pending, held, starting and running jobs by id (in id order), kept in step with every
         commit of this store; reloaded when another connection changed the database."""
         self._data_version = -1
@@ -149,7 +154,7 @@ class SqliteStore:
             row = cur.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
             self.instance: str = row[0]
             """Random id of this queue's database; its containers carry it as the ``labq.instance`` label."""
-        self._reload_active()
+        self._reload_unfinished()
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Cursor]:
@@ -222,7 +227,7 @@ class SqliteStore:
                         submit_time=now, assigned_gpus=_NO_GPUS)
                     for job_id, spec in zip(ids, specs, strict=True)]
             del rows
-            self._on_commit.append(lambda: self._active.update((j.id, j) for j in jobs))
+            self._on_commit.append(lambda: self._unfinished.update((j.id, j) for j in jobs))
         if len(ids) >= 1000:
             _release_freed_memory()  # the encoded rows of a large array, back to the system
         return ids
@@ -237,14 +242,15 @@ class SqliteStore:
         jobs = self._select("WHERE id = ?", (job_id,))
         return jobs[0] if jobs else None
 
-    def active_jobs(self) -> list[Job]:
-        """Pending, held, starting and running jobs, by id, from the in-memory index (no query:
+    def unfinished_jobs(self) -> list[Job]:
+        """Pending, held, starting and running jobs (not final; "active" means starting or running,
+        JobState.active), by id, from the in-memory index (no query:
         the daemon asks on every scheduling pass and every `labq ls`). The Job records are
         replaced, never changed, when a commit changes them, so a caller's list stays consistent."""
         with self._lock:
             if self._changed_elsewhere():
-                self._reload_active()
-            return list(self._active.values())
+                self._reload_unfinished()
+            return list(self._unfinished.values())
 
     def _changed_elsewhere(self) -> bool:
         """True when another connection committed since this store last looked (PRAGMA data_version)."""
@@ -253,27 +259,27 @@ class SqliteStore:
         self._data_version = version
         return changed
 
-    def _reload_active(self) -> None:
-        marks = ",".join("?" for _ in ACTIVE_STATES)
+    def _reload_unfinished(self) -> None:
+        marks = ",".join("?" for _ in UNFINISHED_STATES)
         with self._lock:
             self._changed_elsewhere()
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id",  # noqa: S608
-                                      [s.value for s in ACTIVE_STATES]).fetchall()
+                                      [s.value for s in UNFINISHED_STATES]).fetchall()
             shared: dict[int, JobSpec] = {}
-            active: dict[int, Job] = {}
+            unfinished: dict[int, Job] = {}
             for row in rows:
                 spec = _share(JobSpec(**json.loads(row[5])), shared)
-                active[row[0]] = _row_to_job(row, spec)
-            self._active = active
+                unfinished[row[0]] = _row_to_job(row, spec)
+            self._unfinished = unfinished
 
     def _refresh(self, job_id: int) -> None:
         """After a commit that changed ``job_id``: its new record in the index, or out of it if final."""
         rows = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchall()  # noqa: S608
-        old = self._active.get(job_id)
+        old = self._unfinished.get(job_id)
         if not rows or JobState(rows[0][2]).final:
-            self._active.pop(job_id, None)
+            self._unfinished.pop(job_id, None)
             return
-        self._active[job_id] = _row_to_job(rows[0], old.spec if old is not None else None)
+        self._unfinished[job_id] = _row_to_job(rows[0], old.spec if old is not None else None)
 
     def count_waiting(self, user: str) -> int:
         """How many pending or held jobs ``user`` has (the per-user limit on the queue)."""
@@ -335,11 +341,11 @@ class SqliteStore:
             self._on_commit.append(lambda: self._apply_reasons(reasons))
 
     def _apply_reasons(self, reasons: dict[int, str]) -> None:
-        active = self._active
+        unfinished = self._unfinished
         for job_id, reason in reasons.items():
-            job = active.get(job_id)
+            job = unfinished.get(job_id)
             if job is not None and job.state in (JobState.PENDING, JobState.HELD):
-                active[job_id] = replace(job, reason=reason)
+                unfinished[job_id] = replace(job, reason=reason)
 
     def transition(self, job_id: int, allowed: Sequence[JobState], **fields: Any) -> bool:
         """Update ``job_id`` only if it is in one of ``allowed`` states (atomically). Returns success."""

@@ -28,6 +28,7 @@ class FakeRuntime:
         self.containers: dict[str, ContainerInfo] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail_create: str | None = None
+        self.raise_create: BaseException | None = None
         self._ids = itertools.count(1)
 
     def add(self, job_id: int | None, status: str, exit_code: int = 0, oom: bool = False) -> str:
@@ -49,6 +50,8 @@ class FakeRuntime:
         self.calls.append(("create", str(job_id)))
         if self.fail_create:
             raise RuntimeError_(self.fail_create)
+        if self.raise_create is not None:
+            raise self.raise_create
         return self.add(job_id, "running")
 
     def start_created(self, cid: str) -> None:
@@ -105,6 +108,35 @@ def test_failed_create_fails_the_job(env: tuple[Daemon, SqliteStore, FakeRuntime
     d.schedule_pass()
     job = store.get(job_id)
     assert job is not None and job.state == JobState.FAILED and "not found" in job.reason
+
+
+def test_docker_error_other_than_unreachable_fails_the_job_after_bounded_tries(
+        env: tuple[Daemon, SqliteStore, FakeRuntime]) -> None:
+    import errno
+
+    from job_queue.exits import MAX_START_ATTEMPTS
+
+    d, store, rt = env
+    (job_id,) = store.add_jobs([spec()], now=1.0)
+    (other,) = store.add_jobs([spec()], now=2.0)
+    rt.raise_create = OSError(errno.EMFILE, "Too many open files")
+    d.schedule_pass()  # try 1 for both (each holds a GPU while it is retried)
+    assert {store.get(i).state for i in (job_id, other)} == {JobState.STARTING}  # type: ignore[union-attr]
+    for _ in range(MAX_START_ATTEMPTS - 1):
+        d.reconcile()  # what the retry timer sends
+    job = store.get(job_id)
+    assert job is not None and job.state == JobState.FAILED and job.end_time == 100.0
+    assert job.reason == f"docker: [Errno 24] Too many open files (after {MAX_START_ATTEMPTS} tries)"
+    assert rt.calls.count(("create", str(job_id))) == MAX_START_ATTEMPTS
+    rt.raise_create = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")  # dockerd away
+    (third,) = store.add_jobs([spec()], now=3.0)
+    d.schedule_pass()
+    for _ in range(MAX_START_ATTEMPTS + 2):
+        d.reconcile()
+    assert store.get(third).state == JobState.STARTING  # type: ignore[union-attr]  # resumed, never failed
+    rt.raise_create = None
+    d.reconcile()
+    assert store.get(third).state == JobState.RUNNING  # type: ignore[union-attr]
 
 
 def test_reconcile_resumes_or_adopts_and_records_exits(env: tuple[Daemon, SqliteStore, FakeRuntime]) -> None:

@@ -226,7 +226,7 @@ def test_notify_option_and_protocol_field() -> None:
         parse_notify_events("done")
     base = {"v": 1, "op": "submit", "gpus": 0, "command": ["true"], "cwd": "/"}
     req = decode_request(json.dumps({**base, "notify": ["failed"]}).encode())
-    assert req.args["notify"] == ["failed"]
+    assert getattr(req.args, "notify", None) == ["failed"]
     with pytest.raises(ProtocolError, match="notify: unknown event 'paged'"):
         decode_request(json.dumps({**base, "notify": ["paged"]}).encode())
     with pytest.raises(ProtocolError, match="notify: must be a list"):

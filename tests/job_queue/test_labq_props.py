@@ -45,7 +45,7 @@ class Server:
         self.api.serve_in_thread()
 
     def queued(self) -> int:
-        return len(self.store.active_jobs())
+        return len(self.store.unfinished_jobs())
 
     def request(self, payload: bytes) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX) as s:

@@ -31,32 +31,32 @@ def test_index_follows_commits_only(tmp_path: Path) -> None:
     ids = store.add_jobs(array(3), 10.0)
     (single,) = store.add_jobs([spec("bob")], 11.0)
     assert ids == [1, 2, 3] and single == 4
-    assert [(j.id, j.spec.array_id, j.spec.array_index) for j in store.active_jobs()] == [
+    assert [(j.id, j.spec.array_id, j.spec.array_index) for j in store.unfinished_jobs()] == [
         (1, 1, 0), (2, 1, 1), (3, 1, 2), (4, None, None)]
-    before = store.active_jobs()
+    before = store.unfinished_jobs()
     with pytest.raises(RuntimeError), store.tx():
         store.update(1, state=JobState.CANCELLED, end_time=12.0)
         store.add_jobs([spec()], 12.0)
         raise RuntimeError("rolled back")
-    assert [(j.id, j.state) for j in store.active_jobs()] == [(j.id, j.state) for j in before]
+    assert [(j.id, j.state) for j in store.unfinished_jobs()] == [(j.id, j.state) for j in before]
     assert store.mark_starting(2, ["g0"], 13.0)
     store.update(3, state=JobState.FAILED, end_time=14.0)
     store.set_reasons({1: "Priority", 2: "ignored: not waiting"})
-    now = {j.id: (j.state, j.reason, j.assigned_gpus) for j in store.active_jobs()}
+    now = {j.id: (j.state, j.reason, j.assigned_gpus) for j in store.unfinished_jobs()}
     assert now == {1: (JobState.PENDING, "Priority", []), 2: (JobState.STARTING, "", ["g0"]),
                    4: (JobState.PENDING, "", [])}
     assert before[1].state == JobState.PENDING  # records handed out earlier are never changed
     other = SqliteStore(str(tmp_path / "q.db"))  # another connection writes: the index is reloaded
     other.update(1, state=JobState.CANCELLED, end_time=15.0)
     other.add_jobs([spec("carol")], 16.0)
-    assert [j.id for j in store.active_jobs()] == [2, 4, 5]
+    assert [j.id for j in store.unfinished_jobs()] == [2, 4, 5]
     assert store.get(1) is not None and store.get(1).state == JobState.CANCELLED  # type: ignore[union-attr]
 
 
 def test_array_tasks_share_their_spec_parts_after_a_reload(tmp_path: Path) -> None:
     db = str(tmp_path / "q.db")
     SqliteStore(db).add_jobs(array(4), 1.0)
-    tasks = SqliteStore(db).active_jobs()
+    tasks = SqliteStore(db).unfinished_jobs()
     assert [t.spec.array_index for t in tasks] == [0, 1, 2, 3]
     assert all(t.spec.command is tasks[0].spec.command and t.spec.cwd is tasks[0].spec.cwd for t in tasks)
     assert json.loads(json.dumps(dataclasses.asdict(tasks[2].spec)))["array_id"] == 1
@@ -77,7 +77,7 @@ def test_ls_collapses_waiting_array_tasks_per_array_and_state(tmp_path: Path,
     store.update(ids[5], state=JobState.HELD)
     store.update(ids[6], state=JobState.CANCELLED, end_time=4.0)
     store.set_reasons({ids[2]: "Resources"})
-    jobs = store.active_jobs()
+    jobs = store.unfinished_jobs()
     listed = listing(jobs, None, array_tasks=False)
     assert [(j["id"], j["state"], j.get("array_tasks"), j.get("task_ids"), j.get("task_count"))
             for j in listed] == [

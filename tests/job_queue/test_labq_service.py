@@ -36,7 +36,7 @@ def test_home_of_slash_is_never_mounted(service: Service) -> None:
     with pytest.raises(ProtocolError) as exc:
         submit(service, caller("daemon", 1, "/"))
     assert exc.value.code == ErrorCode.PERMISSION and exc.value.message.startswith("home:")
-    assert service.store.active_jobs() == []
+    assert service.store.unfinished_jobs() == []
 
 
 def test_image_policy_and_cwd_outside_home(service: Service) -> None:

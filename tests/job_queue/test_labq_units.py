@@ -17,7 +17,7 @@ from job_queue.config import ConfigError, parse_config
 from job_queue.durations import DurationError, SizeError, format_duration, parse_duration, parse_size
 from job_queue.gpus import NvmlInventory
 from job_queue.models import Job, JobSpec, JobState, StopReason
-from job_queue.protocol import ErrorCode, ProtocolError, decode_request, parse_array
+from job_queue.protocol import ErrorCode, ProtocolError, Submit, decode_request, parse_array, wire
 from job_queue.runtime import RuntimeError_, container_options, job_environment, working_dir
 from job_queue.store import SqliteStore
 
@@ -76,7 +76,13 @@ def submit(**extra: Any) -> bytes:
 def test_valid_submit_gets_defaults() -> None:
     r = decode_request(submit(time_limit=60, env={"A": "b"}))
     assert r.op == "submit"
-    assert r.args["time_limit"] == 60 and r.args["priority"] == 0 and r.args["mounts"] == []
+    assert isinstance(r.args, Submit)
+    assert r.args.time_limit == 60 and r.args.priority == 0 and r.args.mounts == []
+    assert r.args.env == {"A": "b"}
+    again = decode_request(submit())
+    assert isinstance(again.args, Submit) and again.args.env == {}
+    assert again.args.env is not r.args.env  # defaults are fresh for every request
+    assert wire("submit", again.args) == json.loads(submit())  # the CLI sends what it would validate
 
 
 @pytest.mark.parametrize(("raw", "field"), [
@@ -163,7 +169,7 @@ def test_store_roundtrip_wal_and_transitions(tmp_path: Path) -> None:
     assert store.transition(1, [JobState.STARTING], state=JobState.RUNNING, stop_reason=StopReason.CANCEL)
     assert store.get(1).stop_reason == StopReason.CANCEL  # type: ignore[union-attr]
     store.update(1, state=JobState.SUCCEEDED, exit_code=0, end_time=9.0)
-    assert [x.id for x in store.active_jobs()] == [2]
+    assert [x.id for x in store.unfinished_jobs()] == [2]
     assert [x.id for x in store.history(None, 10)] == [1]
     assert store.history("bob", 10) == []
     assert store.states([1, 2, 99]) == {1: JobState.SUCCEEDED, 2: JobState.HELD}
@@ -208,7 +214,7 @@ def test_store_array_ids_and_concurrent_writers(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert len(store.active_jobs()) == 63
+    assert len(store.unfinished_jobs()) == 63
 
 
 # ---------------------------------------------------------------- GPU inventory (NVML behind a fake module)
@@ -241,20 +247,25 @@ class FakeNvml:
 
 def test_nvml_inventory_reports_foreign_processes_only(tmp_path: Path) -> None:
     own_cid = "a" * 64
-    for pid, cgroup in ((101, f"0::/docker/{own_cid}\n"), (202, "0::/user.slice/session-3.scope\n")):
+    me = pwd.getpwuid(os.getuid())
+    for pid, cgroup, uid in ((101, f"0::/docker/{own_cid}\n", 0),
+                             (202, "0::/user.slice/session-3.scope\n", me.pw_uid),
+                             (303, f"0::/system.slice/docker-{'b' * 64}.scope\n", 4242424)):
         d = tmp_path / str(pid)
         d.mkdir()
         (d / "cgroup").write_text(cgroup)
+        (d / "status").write_text(f"Name:\tpython\nUid:\t{uid}\t0\t0\t0\n")  # the real uid counts
     nv = FakeNvml({0: [SimpleNamespace(pid=101, usedGpuMemory=1 << 30)],
-                   1: [SimpleNamespace(pid=202, usedGpuMemory=300 << 20)]})
+                   1: [SimpleNamespace(pid=202, usedGpuMemory=300 << 20),
+                       SimpleNamespace(pid=303, usedGpuMemory=2**64 - 1)]})  # NVML: "not available"
     inv = NvmlInventory(nvml=nv, proc_root=str(tmp_path))
     snap = inv.snapshot([own_cid])
     assert nv.inited and [g.id for g in snap] == ["GPU-uuid-0", "GPU-uuid-1"]
     assert snap[0].foreign == ()
-    (proc,) = snap[1].foreign
-    me = pwd.getpwuid(os.getuid()).pw_name  # owner of the fake /proc/<pid> directory
-    assert proc.pid == 202 and proc.user == me and proc.memory_bytes == 300 << 20
-    assert proc.describe() == f"pid 202 of {me}, 300 MiB"
+    proc, other = snap[1].foreign
+    assert proc.pid == 202 and proc.user == me.pw_name and proc.memory_bytes == 300 << 20
+    assert proc.describe() == f"pid 202 of {me.pw_name}, 300 MiB"
+    assert other.describe() == "pid 303 of 4242424"  # another container's process; no memory figure
     # without knowing our containers, every process is foreign
     assert len(inv.snapshot([])[0].foreign) == 1
 

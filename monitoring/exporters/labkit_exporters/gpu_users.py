@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pwd
-import re
 import signal
 import sys
 import threading
@@ -34,6 +32,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from job_queue.gpuprocs import GpuProcess, ProcFs, gpu_processes, user_name
+
 LOG = logging.getLogger("labkit_gpu_user_exporter")
 
 DEFAULT_PORT = 9847
@@ -45,21 +45,7 @@ LABQ_JOB_LABEL = "labq.job"
 
 ERROR_STAGES = ("nvml", "proc", "docker", "internal")
 
-_CONTAINER_ID_PATTERNS = (
-    # systemd cgroup driver: .../docker-<id>.scope
-    re.compile(r"docker-([0-9a-f]{64})\.scope"),
-    # cgroupfs driver: /docker/<id>
-    re.compile(r"/docker/([0-9a-f]{64})(?:/|$)"),
-)
-
-
 # --------------------------------------------------------------------------- NVML
-
-
-@dataclass(frozen=True)
-class GpuProcess:
-    pid: int
-    used_bytes: int | None  # NVML may not know (reported as None)
 
 
 @dataclass(frozen=True)
@@ -89,7 +75,8 @@ class NvmlGpuSource:
     ``nvml`` is the ``pynvml`` module, a fake object with the same functions and an
     ``NVMLError`` exception class, or ``None`` when nvidia-ml-py is not installed.
     Calls used: nvmlInit, nvmlDeviceGetCount, nvmlDeviceGetHandleByIndex,
-    nvmlDeviceGetUUID, nvmlDeviceGetName, nvmlDeviceGetComputeProcesses.
+    nvmlDeviceGetUUID, nvmlDeviceGetName, and the process calls of the shared reader
+    (job_queue.gpuprocs.gpu_processes: compute and graphics running processes).
     """
 
     def __init__(self, nvml: Any | None) -> None:
@@ -124,10 +111,7 @@ class NvmlGpuSource:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 uuid = _text(nvml.nvmlDeviceGetUUID(handle))
                 name = _text(nvml.nvmlDeviceGetName(handle))
-                procs = tuple(
-                    GpuProcess(pid=int(p.pid), used_bytes=_used_bytes(p.usedGpuMemory))
-                    for p in nvml.nvmlDeviceGetComputeProcesses(handle)
-                )
+                procs = gpu_processes(nvml, handle)
             except nvml.NVMLError as exc:
                 # e.g. GPU fell off the bus: report the others, count the error.
                 LOG.warning("NVML failed for GPU %d: %s", index, exc)
@@ -137,49 +121,8 @@ class NvmlGpuSource:
         return reading
 
 
-def _used_bytes(value: object) -> int | None:
-    if value is None or not isinstance(value, int) or value < 0:
-        return None
-    # NVML_VALUE_NOT_AVAILABLE is reported as 2**64 - 1
-    if value >= 2**63:
-        return None
-    return value
-
-
-# --------------------------------------------------------------------------- /proc
-
-
-class ProcFs:
-    """Reads what the exporter needs from a proc filesystem rooted at ``root``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def container_id(self, pid: int) -> str | None:
-        """Docker container id of ``pid`` or None.  Raises OSError if unreadable."""
-        text = (self.root / str(pid) / "cgroup").read_text(encoding="utf-8", errors="replace")
-        for line in text.splitlines():
-            path = line.split(":", 2)[-1]
-            for pattern in _CONTAINER_ID_PATTERNS:
-                match = pattern.search(path)
-                if match:
-                    return match.group(1)
-        return None
-
-    def uid(self, pid: int) -> int:
-        """Real uid of ``pid``.  Raises OSError if unreadable, ValueError if malformed."""
-        text = (self.root / str(pid) / "status").read_text(encoding="utf-8", errors="replace")
-        for line in text.splitlines():
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-        raise ValueError(f"no Uid line in status of pid {pid}")
-
-
-def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+# /proc: ProcFs (container id from the cgroup, real uid from status) and user_name are the shared
+# reader's (job_queue/gpuprocs.py), so labqd and this exporter agree on owners and containers.
 
 
 # --------------------------------------------------------------------------- Docker
