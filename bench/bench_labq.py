@@ -3,7 +3,8 @@
 Prints, measured in one run:
   1. 200 jobs of `true` on 4 fake GPUs through labq vs the same 200 `docker run --rm`, four at a
      time from a shell: wall-time ratio (goal <= 1.05).
-  2. gap from a job's exit to the next job's start on the freed GPU: p50 and p99 (goal p99 <= 0.5 s).
+  2. gap from a job's exit to the next job's start on the freed GPU: p50 and p99 (goal p99 <= 0.5 s);
+     the same from Docker's own event timestamps (die -> start), next to a `docker run` loop's.
   3. `labq ls` wall time with 10,000 jobs in history (goal <= 150 ms); daemon RSS with 10,000 queued.
   4. scale: with 100,000 finished and 100,000 pending jobs (ten 10,000-task arrays behind four running
      jobs): `labq ls`, `ls --json`, `show`, `history` wall time, one scheduling pass (labqd's own
@@ -44,6 +45,7 @@ IMAGE = "labq-bench-busybox:1"
 N_JOBS = 200
 N_HISTORY = 10_000
 N_QUEUED = 10_000
+LOOP_LABEL = "labq.bench=docker-run-loop"
 
 
 def ensure_image() -> None:
@@ -148,9 +150,64 @@ def bench_labq(d: Daemon, cwd: str, n: int) -> tuple[float, float, list[dict[str
     return finished, removed, jobs
 
 
+class DockerEvents:
+    """Docker's start and die events, recorded live by `docker events` (dockerd replays only its last
+    few hundred events for --since, fewer than one run makes); Docker's own timestamps (timeNano)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            ["docker", "events", "--format", "{{json .}}", "--filter", "type=container",
+             "--filter", "event=start", "--filter", "event=die"], stdout=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        import threading
+
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        time.sleep(0.5)  # subscribed before the run starts
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> None:
+        time.sleep(1)  # the last events on their way
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.reader.join(10)
+
+    def of(self, label: str, value: str) -> list[tuple[float, str, str]]:
+        """(time, action, container id) of the containers whose ``label`` is ``value``, by time."""
+        out = []
+        for line in self.lines:
+            ev = json.loads(line)
+            if ((ev.get("Actor") or {}).get("Attributes") or {}).get(label) == value:
+                out.append((ev["timeNano"] / 1e9, ev.get("Action") or ev.get("status"), ev["id"]))
+        return sorted(out)
+
+
+def die_to_next_start(events: list[tuple[float, str, str]],
+                      slot_of: dict[str, str] | None = None) -> list[float]:
+    """For each die event: the time until the next start event (in the same slot, e.g. the freed
+    GPU, when ``slot_of`` maps container ids to slots; else any next start)."""
+    out = []
+    for i, (t, action, cid) in enumerate(events):
+        if action != "die":
+            continue
+        slot = slot_of.get(cid) if slot_of is not None else None
+        if slot_of is not None and slot is None:
+            continue  # not a container of the run asked about
+        for t2, action2, cid2 in events[i + 1:]:
+            if action2 == "start" and (slot_of is None or slot_of.get(cid2) == slot):
+                out.append(t2 - t)
+                break
+    return out
+
+
 def bench_docker(n: int) -> float:
     t0 = time.monotonic()
-    subprocess.run(f"seq {n} | xargs -P 4 -I{{}} docker run --rm {IMAGE} true", shell=True, check=True)
+    subprocess.run(f"seq {n} | xargs -P 4 -I{{}} docker run --rm --label {LOOP_LABEL} {IMAGE} true",
+                   shell=True, check=True)
     return time.monotonic() - t0
 
 
@@ -349,9 +406,11 @@ def main() -> int:
         # ABBA order (labq, docker, docker, labq; 100 jobs each) so a drifting machine load
         # does not favour either side.
         half = N_JOBS // 2
+        events = DockerEvents()
         f1, r1, jobs1 = bench_labq(d, cwd, half)
         docker_wall = bench_docker(half) + bench_docker(N_JOBS - half)
         f2, r2, jobs2 = bench_labq(d, cwd, N_JOBS - half)
+        events.stop()
         labq_wall, labq_removed = f1 + f2, r1 + r2
         g, dispatch = gaps(jobs1)
         g2, dispatch2 = gaps(jobs2)
@@ -363,6 +422,21 @@ def main() -> int:
               f"p99 {pct(g, 0.99) * 1000:.0f} ms (goal p99 <= 500 ms)")
         print(f"   of which exit -> labqd dispatches the next job: p50 {pct(dispatch, 0.5) * 1000:.0f} ms, "
               f"p99 {pct(dispatch, 0.99) * 1000:.0f} ms; the rest is Docker create + start")
+        labq_events = events.of("labq.instance", SqliteStore(str(root / "state" / "labq.db")).instance)
+        loop_events = events.of(*LOOP_LABEL.split("=", 1))
+        ev_gpu: list[float] = []
+        ev_any: list[float] = []
+        for run in (jobs1, jobs2):  # each half on its own (the docker loop ran in between)
+            ids = {j["container_id"] for j in run}
+            ev_gpu += die_to_next_start(labq_events, {j["container_id"]: j["assigned_gpus"][0] for j in run})
+            ev_any += die_to_next_start([e for e in labq_events if e[2] in ids])
+        ev_loop = die_to_next_start(loop_events)
+        print(f"   from Docker's event timestamps (die -> start): labq on the freed GPU p50 "
+              f"{pct(ev_gpu, 0.5) * 1000:.0f} ms, p99 {pct(ev_gpu, 0.99) * 1000:.0f} ms ({len(ev_gpu)}); "
+              f"labq any next start p50 {pct(ev_any, 0.5) * 1000:.0f} ms, "
+              f"p99 {pct(ev_any, 0.99) * 1000:.0f} ms; docker run loop "
+              f"p50 {pct(ev_loop, 0.5) * 1000:.0f} ms, p99 {pct(ev_loop, 0.99) * 1000:.0f} ms "
+              f"({len(ev_loop)})")
 
         d.stop()
         fill_history(str(root / "state" / "labq.db"), N_HISTORY)

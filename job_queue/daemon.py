@@ -1,8 +1,10 @@
-"""labqd: the per-node daemon. Main loop, crash recovery (re-adoption by label), signal handling.
+"""labqd: the per-node daemon. Main loop, carrying out exit records and reconciliation, signals.
 
-The loop blocks on a queue fed by Docker die events, log-stream ends and API requests; it never
-sleep-polls. Its only timer is the next job time-limit deadline (and, on NVML nodes with a GPU
-blocked by a foreign process, a slow re-read of NVML).
+The loop blocks on a queue of typed messages (messages.py) fed by Docker die events, log-stream
+ends and API requests; it never sleep-polls. Its only timer is the next job time-limit deadline
+(and, on NVML nodes with a GPU blocked by a foreign process, a slow re-read of NVML). The start/stop
+path is starts.py; how an exit is classified (exits.py) and what reconciliation does
+(reconcile.py) are pure functions.
 """
 
 from __future__ import annotations
@@ -20,24 +22,25 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from .api import ApiServer, raise_fd_limit
 from .config import Config, ConfigError, load_config
-from .exits import classify_exit, start_failure
+from .exits import classify_exit
 from .gpus import GpuInfo, Inventory, make_inventory
+from .messages import Died, Message, Oom, Reconcile, Started, Wake
 from .metrics import Metrics
 from .models import Job, JobState, StopReason
 from .notify import Notifier, NotifyConfigError, load_secrets
 from .reaper import Reaper
 from .reconcile import DISAPPEARED, Adopt, Leftover, MarkCancelled, MarkDisappeared, ResumeStart
 from .reconcile import plan as plan_reconcile
-from .runtime import ContainerEvent, ContainerInfo, DockerRuntime, Runtime, RuntimeError_
+from .runtime import ContainerEvent, ContainerInfo, DockerRuntime, Runtime
 from .scheduler import Policy, schedule
 from .service import Service, log_path
+from .starts import StartStop
 from .store import SqliteStore, Store
 
 log = logging.getLogger("labqd")
@@ -45,44 +48,9 @@ log = logging.getLogger("labqd")
 IMAGE_CACHE_S = 60.0
 
 
-# Messages to the main loop (it blocks on its queue of these; it never sleep-polls).
-@dataclass(frozen=True)
-class Wake:
-    """Something changed (a request, a signal): run a scheduling pass."""
 
 
-@dataclass(frozen=True)
-class Died:
-    """A job's container ended (Docker ``die`` event with its exit code, or its log stream ended)."""
-
-    cid: str
-    job_id: int
-    event: ContainerEvent | None = None
-
-
-@dataclass(frozen=True)
-class Oom:
-    cid: str
-
-
-@dataclass(frozen=True)
-class Started:
-    """A start worker's result: the container id, or the error that fails the job (both None: retry)."""
-
-    job_id: int
-    cid: str | None
-    error: str | None
-
-
-@dataclass(frozen=True)
-class Reconcile:
-    """Match the store against Docker again (event stream reconnected, start to resume)."""
-
-
-Message = Wake | Died | Oom | Started | Reconcile
-
-
-class Daemon:
+class Daemon(StartStop):
     def __init__(self, cfg: Config, store: Store, runtime: Runtime, inventory: Inventory,
                  clock: Callable[[], float] = time.time, parallel_starts: int = 8) -> None:
         self.cfg = cfg
@@ -115,9 +83,6 @@ class Daemon:
     # ------------------------------------------------------------ Backend for the service
     def wake(self) -> None:
         self.queue.put(Wake())
-
-    def request_stop(self, job_id: int) -> None:
-        self._stoppers.submit(self._stop, job_id)
 
     def image_exists(self, image: str) -> bool:
         """Whether the image is on the node; a yes is remembered for IMAGE_CACHE_S, so a burst of
@@ -294,78 +259,6 @@ class Daemon:
             if not d.cancels:
                 return
 
-    def start_job(self, job_id: int, gpus: list[str]) -> None:
-        # Recorded as starting (with its GPUs) before the container is created.
-        if not self.store.mark_starting(job_id, gpus, self.clock()):
-            return
-        job = self.store.get(job_id)
-        assert job is not None
-        self.metrics.job_started(job, self.clock())
-        if self._starters is None:
-            self._on_started(*self._create(job))
-        else:  # create/start in parallel; the main loop records the result ("started")
-            def run() -> None:
-                with self.reaper.starting():
-                    result = self._create(job)
-                self.queue.put(Started(*result))
-
-            self._starters.submit(run)
-
-    def _create(self, job: Job) -> tuple[int, str | None, str | None]:
-        """Create and start the container: (job id, container id, error). Runs in a worker."""
-        try:
-            t0 = time.monotonic()
-            cid = self.runtime.create_and_start(job)
-            log.debug("job %d: container created and started in %.3f s", job.id, time.monotonic() - t0)
-            return job.id, cid, None
-        except RuntimeError_ as exc:
-            return job.id, None, str(exc)
-        except Exception as exc:
-            attempts = self._start_attempts.get(job.id, 0) + 1
-            self._start_attempts[job.id] = attempts
-            failure = start_failure(exc, attempts)
-            if failure is not None:  # not "unreachable": the GPUs are not held forever
-                log.error("job %d: start failed %d times, the last with %s", job.id, attempts, exc)
-                self._start_attempts.pop(job.id, None)
-                return job.id, None, failure
-            log.exception("job %d: docker call failed (try %d); the start resumes on the next reconcile",
-                          job.id, attempts)
-            retry = threading.Timer(5.0, self.queue.put, args=(Reconcile(),))
-            retry.daemon = True
-            retry.start()
-            return job.id, None, None
-
-    def _on_started(self, job_id: int, cid: str | None, err: str | None) -> None:
-        if err is not None:
-            if self.store.transition(job_id, [JobState.STARTING], state=JobState.FAILED, reason=err,
-                                     end_time=self.clock()):
-                self._notify(job_id)
-            return
-        if cid is None:
-            return
-        self._start_attempts.pop(job_id, None)
-        # A very short job may already be recorded as finished (its exit was seen first).
-        # The run time (and so the time limit) counts from here, not from the decision to start.
-        if not self.store.transition(job_id, [JobState.STARTING], state=JobState.RUNNING, container_id=cid,
-                                     start_time=self.clock()):
-            return
-        job = self.store.get(job_id)
-        assert job is not None
-        self.reaper.follow(job, cid)
-        if self.notifier.cfg.enabled:
-            self.notifier.job_changed(job)
-        if job.stop_reason is not None:
-            self.request_stop(job_id)
-
-    def _stop(self, job_id: int) -> None:
-        job = self.store.get(job_id)
-        if job is None or job.container_id is None or job.state.final:
-            return
-        try:
-            self.runtime.stop(job.container_id, self.cfg.kill_grace)
-        except Exception:
-            log.exception("job %d: stop failed", job_id)
-
     def settle(self) -> None:
         """Wait for background work (stops, log saving, removals) to finish; for tests and tools."""
         self._stoppers.shutdown(wait=True)
@@ -418,16 +311,6 @@ class Daemon:
                           start_time=info.started_at or job.start_time, container_id=cid)
         self.reaper.finish(job, cid)
         self._notify(job_id)
-
-    def _notify(self, job_id: int) -> None:
-        """A job's container ended (or never started): count its outcome and hand it to the notifier
-        (queued; sending never blocks the main loop)."""
-        job = self.store.get(job_id)
-        if job is None:
-            return
-        self.metrics.job_finished(job)
-        if self.notifier.cfg.enabled:
-            self.notifier.job_changed(job)
 
     def reconcile(self) -> None:
         """Match the store against labq-labelled containers after a (re)start or lost event stream
