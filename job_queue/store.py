@@ -335,9 +335,10 @@ class SqliteStore:
     def set_reasons(self, reasons: dict[int, str]) -> None:
         """Set the pending reasons of jobs that are still pending or held (one transaction)."""
         with self.tx() as cur:
-            cur.executemany(
+            waiting = (JobState.PENDING.value, JobState.HELD.value)
+            cur.executemany(  # a generator: 100,000 changed reasons are not copied into a list first
                 "UPDATE jobs SET reason = ? WHERE id = ? AND state IN (?, ?)",
-                [(r, i, JobState.PENDING.value, JobState.HELD.value) for i, r in reasons.items()])
+                ((r, i, *waiting) for i, r in reasons.items()))
             self._on_commit.append(lambda: self._apply_reasons(reasons))
 
     def _apply_reasons(self, reasons: dict[int, str]) -> None:
