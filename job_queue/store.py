@@ -9,7 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -246,7 +246,8 @@ class SqliteStore:
         """Pending, held, starting and running jobs (not final; "active" means starting or running,
         JobState.active), by id, from the in-memory index (no query:
         the daemon asks on every scheduling pass and every `labq ls`). The Job records are
-        replaced, never changed, when a commit changes them, so a caller's list stays consistent."""
+        replaced, never changed, when a commit changes them (a waiting job's reason excepted,
+        see _apply_reasons), so a caller's list stays consistent."""
         with self._lock:
             if self._changed_elsewhere():
                 self._reload_unfinished()
@@ -342,11 +343,15 @@ class SqliteStore:
             self._on_commit.append(lambda: self._apply_reasons(reasons))
 
     def _apply_reasons(self, reasons: dict[int, str]) -> None:
+        """A waiting job's reason is the one field changed in place (by the scheduling pass, the only
+        writer): a pass over 100,000 new jobs would otherwise make 100,000 new records at once. A
+        reader may see some reasons of one pass and some of the last; every other change replaces
+        the record."""
         unfinished = self._unfinished
         for job_id, reason in reasons.items():
             job = unfinished.get(job_id)
             if job is not None and job.state in (JobState.PENDING, JobState.HELD):
-                unfinished[job_id] = replace(job, reason=reason)
+                job.reason = reason
 
     def transition(self, job_id: int, allowed: Sequence[JobState], **fields: Any) -> bool:
         """Update ``job_id`` only if it is in one of ``allowed`` states (atomically). Returns success."""
