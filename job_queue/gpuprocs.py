@@ -25,8 +25,6 @@ CONTAINER_ID_PATTERNS = (
 _PROCESS_GETTERS = (
     "nvmlDeviceGetComputeRunningProcesses",
     "nvmlDeviceGetGraphicsRunningProcesses",
-    # pynvml has no such call: tests/monitoring/mon_fake_nvml.py still names its recording so.
-    "nvmlDeviceGetComputeProcesses",
 )
 
 

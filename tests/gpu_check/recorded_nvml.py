@@ -71,11 +71,6 @@ class RecordedNvml(FakeNvml):
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
         return SimpleNamespace(**self.gpus[handle]["utilization"])
 
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Any]:
-        # FakeNvml's own (recorded processes, NVML_ERROR_GPU_IS_LOST for a lost GPU) under pynvml's name
-        procs: list[Any] = super().nvmlDeviceGetComputeProcesses(handle)
-        return procs
-
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: int) -> list[Any]:
         return []
 

@@ -50,7 +50,7 @@ class FakeNvml:
     def nvmlDeviceGetName(self, handle: int) -> str:
         return str(self.gpus[handle]["name"])
 
-    def nvmlDeviceGetComputeProcesses(self, handle: int) -> list[_Proc]:
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[_Proc]:
         if handle in self.lost:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         return [_Proc(p["pid"], p["usedGpuMemory"]) for p in self.gpus[handle]["processes"]]

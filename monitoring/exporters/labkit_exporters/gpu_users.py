@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from job_queue.gpuprocs import GpuProcess, ProcFs, gpu_processes, user_name
+from labkit_exporters.serving import serve_until_signalled
 
 LOG = logging.getLogger("labkit_gpu_user_exporter")
 
@@ -388,20 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         containers = DockerContainerLookup(args.docker_url)
     registry, _ = build_registry(_load_pynvml(), args.proc_root, containers)
-    server, thread = start_http_server(args.port, addr=args.listen_address, registry=registry)
-    LOG.info("listening on %s:%d", args.listen_address, args.port)
-
-    stop = threading.Event()
-
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    stop.wait()
-    server.shutdown()
-    thread.join(timeout=5)
-    return 0
+    return serve_until_signalled(registry, args.port, args.listen_address, LOG)
 
 
 if __name__ == "__main__":
