@@ -325,6 +325,12 @@ BAD_INPUTS = [
     pytest.param({"slurm_config_node_cpus": 64}, "slurm_config_node_cpus", id="cpus-differ-from-the-node"),
     pytest.param({"slurm_config_node_gpu_files": []}, "slurm_config_node_gpu_files", id="gpu-files-missing"),
     pytest.param(
+        {"slurm_node_test_fake_gpus": False, "slurm_config_node_gpus": 1,
+         "slurm_config_node_gpu_files": ["/dev/nvidia0"]},
+        "devices the node does not have: [\"/dev/nvidia0\"]",
+        id="gpu-device-not-on-the-node",
+    ),
+    pytest.param(
         {"slurm_config_scheduler_parameters": ["batch_sched_delay=0, bf_continue"]},
         "slurm_config_scheduler_parameters",
         id="scheduler-parameter-malformed",
