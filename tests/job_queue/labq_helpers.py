@@ -162,6 +162,17 @@ def run_as(user: str, argv: list[str], cwd: str | None,
                                        chunks[r_out].decode(), chunks[r_err].decode())
 
 
+def read_line(s: Any) -> bytes:
+    """One reply line from labqd's socket (what came before the peer closed, if it closed first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
 class Labqd:
     """A real labqd process with its own state dir, socket and log dir."""
 
@@ -249,12 +260,7 @@ metrics_port = {metrics_port}
             raise ConnectionError(str(exc)) from exc
         with conn as s:
             s.sendall(payload + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_line(s)
         reply: dict[str, Any] = json.loads(data)
         return reply
 

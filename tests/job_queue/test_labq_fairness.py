@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labq_helpers import FakeBackend
+from labq_helpers import FakeBackend, read_line
 
 from job_queue.api import ApiServer, connection_budget
 from job_queue.config import ConfigError, parse_config
@@ -89,12 +89,7 @@ def ping(s: socket.socket) -> dict[str, Any]:
 
 
 def read_reply(s: socket.socket) -> dict[str, Any]:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_line(s)
     reply: dict[str, Any] = json.loads(data) if data else {}
     return reply
 

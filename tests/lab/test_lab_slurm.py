@@ -16,10 +16,10 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-import requests
 from lab_helpers import run_playbook, ssh
 from mon_sinks import SlackSink
 from test_lab_mail import arrived, sink
+from test_lab_monitoring import query
 
 __all__ = ["sink"]  # the test smarthost fixture of test_lab_mail.py, used here too
 
@@ -252,8 +252,7 @@ def test_job_notices_reach_the_owner_by_mail_and_the_labs_slack(slurm, lab, sink
 
 def prom(lab, expr: str) -> dict[str, float]:
     """A PromQL query at the lab's Prometheus: {labels as text: value}."""
-    answer = requests.get(f"http://{lab['infra01']['address']}:9090/api/v1/query", params={"query": expr},
-                          timeout=10).json()
+    answer = query(f"http://{lab['infra01']['address']}:9090", expr)
     return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in answer["data"]["result"]}
 
 
