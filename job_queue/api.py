@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .identity import Caller, peer_credentials, resolve_caller
-from .protocol import ErrorCode, ProtocolError, decode_request, encode, error, ok
+from .protocol import ErrorCode, ProtocolError, SlurmRun, decode_request, encode, error, ok
 from .service import Service
 
 log = logging.getLogger("labqd.api")
@@ -132,6 +132,8 @@ class _Handler(socketserver.BaseRequestHandler):
             req = decode_request(line, srv.service.cfg.max_request_bytes)
             if caller is None:
                 raise ProtocolError(ErrorCode.PERMISSION, f"caller: {ident_error}")
+            if isinstance(req.args, SlurmRun):  # answered when its container ends; reads "stop" meanwhile
+                return ok(srv.service.slurm_run(caller, req.args, self.sock))
             return ok(srv.service.handle(caller, req))
         except ProtocolError as exc:
             return error(exc.code, exc.message)

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .client import Client, DaemonUnreachable, RequestFailed, socket_path
 
+    if not args.socket and scheduler(args.config) == "slurm":
+        return _run_slurm(args)
     if args.cmd == "ls" and args.all_nodes:
         import os
 
@@ -140,6 +142,80 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_UNREACHABLE) from exc
     except RequestFailed as exc:
         raise CliError(exc.message, _CODE_EXIT.get(exc.code, EXIT_ERROR)) from exc
+
+
+def scheduler(explicit_config: str | None) -> str:
+    """The config's ``scheduler`` (``labq`` unless it says ``slurm``), read without the full config."""
+    import os
+    import tomllib
+
+    path = explicit_config or os.environ.get("LABQ_CONFIG") or "/etc/labq/config.toml"
+    try:
+        with open(path, "rb") as fh:  # noqa: PTH123 - keep imports minimal for CLI start-up
+            value = tomllib.load(fh).get("scheduler")
+    except (OSError, ValueError):
+        return "labq"
+    return value if isinstance(value, str) else "labq"
+
+
+def _run_slurm(args: argparse.Namespace) -> int:
+    """scheduler = "slurm": the same commands, answered by Slurm (job_queue/slurm_client.py)."""
+    from .config import ConfigError, load_config
+    from .slurm import SlurmUnreachable
+    from .slurm_client import RequestFailed, SlurmClient
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_ERROR) from exc
+    try:
+        request = _build_request(args)
+        if args.cmd == "logs":
+            return _slurm_logs(cfg, args)
+        if args.cmd == "ls" and getattr(args, "all_nodes", False):
+            args.all_nodes = False  # Slurm's queue is the whole lab's
+        return _COMMANDS[args.cmd](SlurmClient(cfg), args, request)
+    except SlurmUnreachable as exc:
+        raise CliError(str(exc), EXIT_UNREACHABLE) from exc
+    except RequestFailed as exc:
+        raise CliError(exc.message, _CODE_EXIT.get(exc.code, EXIT_ERROR)) from exc
+
+
+def _slurm_logs(cfg: Any, args: argparse.Namespace) -> int:
+    """A Slurm job's output is on the node that ran it: read through that node's labqd."""
+    from .client import Client, DaemonUnreachable, RequestFailed
+    from .slurm_client import SlurmClient, local_node
+
+    job = SlurmClient(cfg).call("show", id=args.id)
+    node = (job.get("node") or "").split(",")[0]
+    if not node:
+        raise CliError(f"logs: job {args.id} has not started yet (no output)", EXIT_CONFLICT)
+    if node != local_node(cfg):
+        from .remote import run_on
+
+        flags = [f for f, on in (("--follow", args.follow), ("--json", args.json)) if on]
+        argv = ["logs", str(args.id), *flags]
+        return run_on(node, argv)
+    try:
+        client = Client(cfg.socket_path)
+    except DaemonUnreachable as exc:
+        raise CliError(str(exc), EXIT_UNREACHABLE) from exc
+    try:
+        return cmd_logs(_SlurmLogs(client), args, {})
+    except RequestFailed as exc:
+        raise CliError(exc.message, _CODE_EXIT.get(exc.code, EXIT_ERROR)) from exc
+    finally:
+        client.close()
+
+
+class _SlurmLogs:
+    """cmd_logs' ``logs`` call, sent as labqd's ``slurm_logs``."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def call(self, op: str, **fields: Any) -> Any:
+        return self.client.call("slurm_logs" if op == "logs" else op, **fields)
 
 
 def _build_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,8 +305,9 @@ def _table(jobs: list[dict[str, Any]], now: float, finished: bool = False) -> No
     from .display import id_and_name, safe
     from .durations import format_duration
 
-    head = ("ID", "USER", "STATE", "GPUS", "RUN TIME" if finished else "TIME", "NAME",
-            "EXIT" if finished else "REASON")
+    nodes = any("node" in j for j in jobs)  # scheduler = slurm: where each job runs
+    head = ("ID", "USER", "STATE", "GPUS", *(("NODE",) if nodes else ()), "RUN TIME" if finished else "TIME",
+            "NAME", "EXIT" if finished else "REASON")
     rows = [head]
     for j in jobs:
         job_id, name = id_and_name(j)
@@ -238,7 +315,8 @@ def _table(jobs: list[dict[str, Any]], now: float, finished: bool = False) -> No
             j.get("reason") or "")
         if finished and j.get("reason"):
             last = f"{last} {j['reason']}"
-        rows.append((job_id, safe(j["user"]), j["state"].upper(), str(j["gpus"]),
+        where = (safe(j.get("node") or "-"),) if nodes else ()
+        rows.append((job_id, safe(j["user"]), j["state"].upper(), str(j["gpus"]), *where,
                      format_duration(_elapsed(j, now)), name, safe(last)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
     out = [" ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + " " + r[-1] for r in rows]

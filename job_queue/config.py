@@ -74,6 +74,13 @@ class Config:
     """Pending and held jobs one user may have; a submit past it is refused whole (0: no limit)."""
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     """The ``[notify]`` table (job notifications; see job_queue/notify.py)."""
+    scheduler: str = "labq"
+    """``labq`` (this node's own queue) or ``slurm`` (the lab's Slurm; see job_queue/slurm_client.py)."""
+    slurm_node_name: str = ""
+    """This node's Slurm NodeName (slurmd -N); empty: the short host name."""
+    slurm_gpu_devices: tuple[str, ...] = ()
+    """The node's GPU device files in Slurm's index order (gres.conf); with NVML, their minor numbers
+    name the GPUs; with fake GPUs, the files are passed into the container."""
 
     @property
     def db_path(self) -> str:
@@ -126,8 +133,10 @@ KNOWN_KEYS = {
     "allow_host_network", "state_dir", "socket", "log_dir", "kill_grace", "max_command_bytes",
     "max_request_bytes", "node_cpus", "node_mem_bytes", "foreign_refresh_s", "metrics_port",
     "metrics_address", "notify", "cluster_nodes", "max_connections_per_user", "max_connections",
-    "reserved_fds", "request_timeout_s", "idle_timeout_s", "max_pending_per_user",
+    "reserved_fds", "request_timeout_s", "idle_timeout_s", "max_pending_per_user", "scheduler",
+    "slurm_node_name", "slurm_gpu_devices",
 }
+SCHEDULERS = ("labq", "slurm")
 
 
 def _notify(data: dict[str, Any]) -> NotifyConfig:
@@ -159,8 +168,17 @@ def parse_config(data: dict[str, Any]) -> Config:
     allowed = _get(data, "allowed_images", list, [])
     if not all(isinstance(a, str) for a in allowed):
         raise ConfigError("config: 'allowed_images' must be a list of strings")
+    scheduler = _get(data, "scheduler", str, Config.scheduler)
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"config: 'scheduler' must be one of {', '.join(SCHEDULERS)} (not '{scheduler}')")
+    devices = _get(data, "slurm_gpu_devices", list, [])
+    if not all(isinstance(d, str) and d.startswith("/dev/") for d in devices):
+        raise ConfigError("config: 'slurm_gpu_devices' must be a list of device files under /dev/")
     cfg = Config(
         gpus=gpus,
+        scheduler=scheduler,
+        slurm_node_name=_get(data, "slurm_node_name", str, ""),
+        slurm_gpu_devices=tuple(devices),
         admin_group=_get(data, "admin_group", str, Config.admin_group),
         max_gpus_per_user=_get(data, "max_gpus_per_user", int, 0),
         mounts=mounts,

@@ -283,7 +283,24 @@ class History:
     limit: int = 50
 
 
-RequestArgs = Ping | Submit | Ls | Show | Logs | Ids | Gpus | History
+@dataclass(frozen=True)
+class SlurmRun:
+    """A Slurm job's batch step asks labqd to run its container (job_queue/slurm_runner.py)."""
+
+    job: int
+    spec: Submit
+
+
+def v_spec(field_name: str, value: Any) -> Submit:
+    """A container spec: the fields of a submit, checked by the same validators."""
+    if not isinstance(value, dict):
+        raise invalid(f"{field_name}: must be an object with the fields of a submit")
+    req = validate_request({**value, "v": PROTOCOL_VERSION, "op": "submit"})
+    assert isinstance(req.args, Submit)
+    return req.args
+
+
+RequestArgs = Ping | Submit | Ls | Show | Logs | Ids | Gpus | History | SlurmRun
 
 _USER = v_opt(v_str(64, _USER_RE, "user name"))
 _ID = v_int(1, 2**62)
@@ -305,6 +322,8 @@ RECORDS: dict[str, tuple[type[RequestArgs], dict[str, Validator]]] = {
     "release": (Ids, {"ids": v_ids}),
     "gpus": (Gpus, {}),
     "history": (History, {"user": _USER, "limit": v_int(1, MAX_HISTORY)}),
+    "slurm_run": (SlurmRun, {"job": _ID, "spec": v_spec}),
+    "slurm_logs": (Logs, {"id": _ID, "offset": v_int(0, 2**62), "max_bytes": v_int(1, 4 * 1024 * 1024)}),
 }
 
 

@@ -26,12 +26,17 @@ from .protocol import (
     ProtocolError,
     Request,
     Show,
+    SlurmRun,
     Submit,
     invalid,
     parse_array,
 )
 from .runtime import working_dir
 from .store import Store
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .slurm_runner import SlurmRunner
 
 
 class Backend(Protocol):
@@ -132,6 +137,7 @@ class Service:
         self.store = store
         self.backend = backend
         self.clock = clock
+        self._slurm: SlurmRunner | None = None
 
     def handle(self, caller: Caller, req: Request) -> Any:
         handler = getattr(self, f"op_{req.op}")
@@ -240,7 +246,10 @@ class Service:
         job = self._owned(caller, [r.id], "read the output of")[0]
         if job.state.final:
             self.backend.wait_log(job.id, 10.0)
-        path = log_path(self.cfg, job.id)
+        return self._read_log(job.id, offset, max_bytes, job.state.value)
+
+    def _read_log(self, job_id: int, offset: int, max_bytes: int, state: str) -> dict[str, Any]:
+        path = log_path(self.cfg, job_id)
         data = b""
         size = 0
         try:
@@ -252,7 +261,7 @@ class Service:
             pass
         new_offset = min(offset, size) + len(data)
         return {"data": base64.b64encode(data).decode(), "offset": new_offset,
-                "eof": new_offset >= size, "state": job.state.value}
+                "eof": new_offset >= size, "state": state}
 
     def op_cancel(self, caller: Caller, r: Ids) -> dict[str, Any]:
         jobs = self._owned(caller, r.ids, "cancel")
@@ -294,3 +303,40 @@ class Service:
 
     def op_gpus(self, caller: Caller, _: Gpus) -> dict[str, Any]:
         return {"gpus": self.backend.gpu_report()}
+
+    # ------------------------------------------------------------ scheduler = "slurm"
+    def slurm(self) -> SlurmRunner:
+        if self.cfg.scheduler != "slurm":
+            raise invalid("op: this node's scheduler is labq, not slurm")
+        if self._slurm is None:
+            from .slurm_client import local_node
+            from .slurm_runner import SlurmRunner
+
+            self._slurm = SlurmRunner(self.cfg, local_node(self.cfg))
+        return self._slurm
+
+    def slurm_run(self, caller: Caller, r: SlurmRun, conn: Any) -> dict[str, Any]:
+        """Long-running: answers when the container has ended (api.py hands over the connection)."""
+        return self.slurm().run(caller, r.job, r.spec, conn)
+
+    def op_slurm_run(self, caller: Caller, r: SlurmRun) -> dict[str, Any]:
+        raise invalid("op: slurm_run needs its connection (sent by a Slurm batch step)")
+
+    def op_slurm_logs(self, caller: Caller, r: Logs) -> dict[str, Any]:
+        """`labq logs` of a Slurm job that ran (or runs) on this node: its owner or an admin."""
+        from .slurm import SlurmError, labq_state, parse_record, run
+
+        try:
+            line = run(["scontrol", "show", "job", "-o", str(r.id)]).strip()
+            rec = parse_record(line)
+            owner, state = rec.get("UserId", "").split("(")[0], labq_state(rec.get("JobState", ""))
+        except SlurmError:
+            out = run(["sacct", "-X", "-n", "-P", "-a", "-o", "User,State", "-j", str(r.id)]).split()
+            if not out:
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"id: no Slurm job {r.id}") from None
+            owner, sstate = out[0].split("|")
+            state = labq_state(sstate)
+        if not caller.is_admin and owner != caller.user:
+            raise ProtocolError(ErrorCode.PERMISSION, f"id: job {r.id} belongs to {owner}; only its owner "
+                                "or an admin may read the output of it")
+        return self._read_log(r.id, r.offset, r.max_bytes, state)

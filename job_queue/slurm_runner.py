@@ -1,0 +1,339 @@
+"""labqd's side of labq on Slurm: run one Slurm job's container inside that job, for its batch step.
+
+The batch step (job_queue/slurm_step.py) asks ``slurm_run`` with its Slurm job id and the container's
+spec. Before anything is created, labqd checks that
+
+- the calling process (its pid from ``SO_PEERCRED``) sits in that job's cgroup (``/proc/PID/cgroup``
+  names ``job_<id>``): only the job's own step can ask, no other process of the same user, no other user;
+- Slurm (``scontrol show job -d``) says the job is running, on this node, and belongs to the caller's uid;
+- the job holds exactly the GPUs the spec asks for, on this node (Slurm's ``IDX`` list).
+
+Anything else is refused, and logged with the caller's pid and uid. The GPUs never come from the request:
+Slurm's indices are mapped to this node's GPUs (device files in gres.conf order; with NVML, the device's
+minor number gives its UUID). The container gets the job's step cgroup as its cgroup parent (Docker's
+``cgroup_parent``), so Slurm's memory and device limits, accounting, ``scancel``, time limit and
+preemption apply to its processes. Its user, groups, home, mounts and environment are as for a labq
+job, plus ``SLURM_JOB_ID``. When it ends its exit code is the step's answer; an OOM kill is reported too.
+
+No container ever runs twice: its name is fixed per Slurm job, an existing one is adopted (after a labqd
+restart the step asks again), and the result of a finished job is kept in ``state_dir/slurm/ID.json`` and
+answered again instead of starting anew.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .identity import Caller
+from .models import Job, JobSpec, JobState
+from .protocol import ErrorCode, ProtocolError, Submit, invalid
+from .runtime import DockerRuntime, container_options, job_environment, working_dir
+from .slurm import SlurmError, SlurmJob, show_job
+
+log = logging.getLogger("labqd")
+
+LABEL_SLURM_JOB = "labkit.slurm-job"
+_HOST_KEYS = frozenset({"group_add", "mounts", "security_opt", "cap_drop", "privileged", "network_mode",
+                        "nano_cpus", "mem_limit", "device_requests", "devices", "cgroup_parent"})
+
+
+def container_name(job_id: int, user: str) -> str:
+    return f"labq-slurm-{job_id}-{user}"
+
+
+def job_cgroup(cgroup_text: str, job_id: int) -> str | None:
+    """The cgroup a Slurm job's container goes under, from the step's ``/proc/PID/cgroup``: the path up
+    to the step's directory (``.../job_ID/step_batch``), or None if the process is not in job ID.
+
+    cgroup v2 has one ``0::/path`` line; v1 one line per hierarchy (the ``freezer`` or ``memory`` line
+    is taken: Slurm's proctrack and memory limits live there).
+    """
+    lines = [ln.split(":", 2) for ln in cgroup_text.splitlines() if ln.count(":") >= 2]
+    paths = [p for _, ctl, p in lines if ctl == ""]
+    paths += [p for _, ctl, p in lines if "memory" in ctl.split(",") or "freezer" in ctl.split(",")]
+    want = f"job_{job_id}"
+    for path in paths:
+        parts = path.split("/")
+        if want in parts:
+            i = parts.index(want)
+            step = i + 1 < len(parts) and parts[i + 1].startswith("step_")
+            keep = parts[: i + 2] if step else parts[: i + 1]
+            return "/".join(keep)
+    return None
+
+
+def refuse(caller: Caller, job_id: int, why: str) -> ProtocolError:
+    log.warning("slurm_run refused: pid %d uid %d (%s) for Slurm job %d: %s", caller.pid, caller.uid,
+                caller.user, job_id, why)
+    return ProtocolError(ErrorCode.PERMISSION, f"job: {why}")
+
+
+class GpuMap:
+    """Slurm's GPU index on this node -> (labq GPU id, device file)."""
+
+    def __init__(self, cfg: Config, nvml: Any = None) -> None:
+        self.cfg = cfg
+        self._nvml = nvml
+
+    def devices(self) -> list[str]:
+        if self.cfg.slurm_gpu_devices:
+            return list(self.cfg.slurm_gpu_devices)
+        found = [p.name for p in Path("/dev").glob("nvidia[0-9]*")]
+        return [f"/dev/{n}" for n in sorted(found, key=lambda n: int(n[6:]))]
+
+    def resolve(self, indices: list[int]) -> list[tuple[str, str]]:
+        devices = self.devices()
+        out = []
+        for idx in indices:
+            if idx >= len(devices):
+                raise ProtocolError(ErrorCode.INTERNAL, f"gpus: Slurm index {idx} is not one of this node's "
+                                    f"{len(devices)} GPU devices (slurm_gpu_devices)")
+            dev = devices[idx]
+            if self.cfg.fake_gpus:
+                ids = self.cfg.gpus or ()
+                out.append((ids[idx] if idx < len(ids) else dev, dev))
+            else:
+                out.append((self._uuid(dev), dev))
+        return out
+
+    def _uuid(self, device: str) -> str:
+        m = re.fullmatch(r"/dev/nvidia(\d+)", device)
+        if m is None:
+            raise ProtocolError(ErrorCode.INTERNAL, f"gpus: {device} is not an NVIDIA device file")
+        nv = self._nvml
+        if nv is None:
+            import pynvml
+
+            nv = self._nvml = pynvml
+            nv.nvmlInit()
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            if nv.nvmlDeviceGetMinorNumber(h) == int(m.group(1)):
+                uuid = nv.nvmlDeviceGetUUID(h)
+                return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+        raise ProtocolError(ErrorCode.INTERNAL, f"gpus: no NVML device has minor number {m.group(1)}")
+
+
+class SlurmRunner:
+    def __init__(self, cfg: Config, node: str, runtime: DockerRuntime | None = None,
+                 lookup: Callable[[int, str], SlurmJob] = show_job, proc_root: str = "/proc",
+                 gpu_map: GpuMap | None = None) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.runtime = runtime or DockerRuntime(cfg, "slurm")
+        self.lookup = lookup
+        self.proc_root = proc_root
+        self.gpu_map = gpu_map or GpuMap(cfg)
+        self._active: set[int] = set()
+        self._lock = threading.Lock()
+        self.done_dir = Path(cfg.state_dir) / "slurm"
+
+    # ---------------------------------------------------------------- checks
+    def verify(self, caller: Caller, job_id: int, spec: Submit) -> tuple[SlurmJob, str]:
+        try:
+            text = (Path(self.proc_root) / str(caller.pid) / "cgroup").read_text()
+        except OSError as exc:
+            raise refuse(caller, job_id, f"cannot read the cgroup of pid {caller.pid}: {exc}") from exc
+        parent = job_cgroup(text, job_id)
+        if parent is None:
+            raise refuse(caller, job_id, f"the calling process (pid {caller.pid}) is not a process of "
+                         f"Slurm job {job_id}")
+        try:
+            job = self.lookup(job_id, self.node)
+        except SlurmError as exc:
+            raise refuse(caller, job_id, f"Slurm does not know job {job_id} ({exc})") from exc
+        if job.uid != caller.uid:
+            raise refuse(caller, job_id, f"Slurm job {job_id} belongs to {job.user}, not {caller.user}")
+        if job.state not in ("RUNNING", "CONFIGURING", "COMPLETING"):
+            raise refuse(caller, job_id, f"Slurm job {job_id} is {job.state}, not running")
+        if self.node not in job.nodes:
+            raise refuse(caller, job_id, f"Slurm job {job_id} runs on {','.join(job.nodes) or 'no node'}, "
+                         f"not on {self.node}")
+        if spec.gpus != len(job.gpu_indices):
+            raise refuse(caller, job_id, f"the request asks for {spec.gpus} GPUs but Slurm job {job_id} "
+                         f"holds {len(job.gpu_indices)} on {self.node}")
+        return job, parent
+
+    def _policy(self, caller: Caller, r: Submit) -> str:
+        cfg = self.cfg
+        for m in r.mounts:
+            if m not in cfg.mounts:
+                raise invalid(f"mounts: '{m}' is not on the allow-list of {self.node}")
+        if r.host_network and not cfg.allow_host_network:
+            raise invalid("host_network: not allowed by lab policy on this node")
+        home = os.path.normpath(caller.home)
+        if home == "/" or not home.startswith("/"):
+            raise ProtocolError(ErrorCode.PERMISSION, f"home: the home directory of {caller.user} "
+                                f"('{caller.home}') cannot be mounted")
+        if not Path(home).is_dir():
+            raise invalid(f"home: {home} does not exist on {self.node}")
+        img = r.image or cfg.default_image
+        if cfg.allowed_images and not any(fnmatch.fnmatchcase(img, p) for p in cfg.allowed_images):
+            raise invalid(f"image: '{img}' is not allowed on this node")
+        if not self.runtime.image_exists(img):
+            raise invalid(f"image: unknown image '{img}' (not present on {self.node})")
+        return img
+
+    # ---------------------------------------------------------------- the run
+    def run(self, caller: Caller, job_id: int, spec: Submit, conn: socket.socket) -> dict[str, Any]:
+        slurm_job, parent = self.verify(caller, job_id, spec)
+        done = self._done(job_id)
+        if done is not None:
+            log.info("Slurm job %d: already ran here; answering its recorded result", job_id)
+            return done
+        with self._lock:
+            if job_id in self._active:
+                raise ProtocolError(ErrorCode.CONFLICT, f"job: Slurm job {job_id}'s container is already "
+                                    "followed by another request")
+            self._active.add(job_id)
+        try:
+            return self._run(caller, slurm_job, spec, parent, conn)
+        finally:
+            with self._lock:
+                self._active.discard(job_id)
+
+    def _run(self, caller: Caller, sj: SlurmJob, spec: Submit, parent: str,
+             conn: socket.socket) -> dict[str, Any]:
+        from .service import _default_name, log_path
+
+        image = self._policy(caller, spec)
+        gpus = self.gpu_map.resolve(list(sj.gpu_indices))
+        js = JobSpec(user=caller.user, uid=caller.uid, gid=caller.gid, groups=list(caller.groups),
+                     home=caller.home, cwd=working_dir(caller.home, spec.cwd), image=image,
+                     command=list(spec.command), gpus=spec.gpus,
+                     name=spec.name or _default_name(spec.command),
+                     time_limit=spec.time_limit, cpus=spec.cpus, mem=None, env=dict(spec.env),
+                     mounts=list(spec.mounts), host_network=spec.host_network)
+        job = Job(id=sj.id, spec=js, state=JobState.RUNNING, submit_time=0.0,
+                  assigned_gpus=[g for g, _ in gpus])
+        cid, adopted = self._create_or_adopt(job, sj, parent, [d for _, d in gpus])
+        log.info("Slurm job %d (%s): container %s %s under %s with GPUs %s", sj.id, caller.user, cid[:12],
+                 "adopted" if adopted else "started", parent, ",".join(job.assigned_gpus) or "none")
+        path = log_path(self.cfg, sj.id)
+        writer = threading.Thread(target=self._write_logs, args=(cid, path, caller.uid, caller.gid),
+                                  daemon=True, name=f"slurm-log-{sj.id}")
+        writer.start()
+        waiter = threading.Thread(target=self._wait, args=(cid,), daemon=True, name=f"slurm-wait-{sj.id}")
+        waiter.start()
+        self._watch(cid, conn, waiter)
+        writer.join(timeout=30)
+        info = self.runtime.inspect(cid)
+        exit_code = info.exit_code if info is not None else None
+        oom = bool(info.oom_killed) if info is not None else False
+        if exit_code == 137 and not oom:
+            oom = self._oom_in(parent)
+        result = {"exit_code": exit_code, "oom_killed": oom, "container": cid}
+        self._record(sj.id, result)
+        try:
+            self.runtime.remove(cid)
+        except Exception:
+            log.exception("Slurm job %d: removing container %s failed", sj.id, cid[:12])
+        log.info("Slurm job %d: container ended with exit code %s%s", sj.id, exit_code,
+                 " (OOM killed)" if oom else "")
+        return result
+
+    def _create_or_adopt(self, job: Job, sj: SlurmJob, parent: str, devices: list[str]) -> tuple[str, bool]:
+        client = self.runtime.client
+        name = container_name(job.id, job.spec.user)
+        existing = self.runtime.inspect(name)
+        if existing is not None:
+            labels = client.api.inspect_container(name)["Config"]["Labels"] or {}
+            if labels.get(LABEL_SLURM_JOB) != str(job.id):
+                raise ProtocolError(ErrorCode.CONFLICT, f"job: a container named {name} exists and is not "
+                                    f"Slurm job {job.id}'s")
+            if existing.status == "created":
+                client.api.start(existing.id)
+            return existing.id, True
+        opts = container_options(job, self.cfg)
+        opts["name"] = name
+        opts["labels"][LABEL_SLURM_JOB] = str(job.id)
+        env = job_environment(job)
+        env.update({"SLURM_JOB_ID": str(sj.id), "SLURM_JOB_GPUS": ",".join(map(str, sj.gpu_indices)),
+                    "SLURM_JOB_NODELIST": self.node, "SLURM_JOB_USER": sj.user})
+        opts["environment"] = env
+        opts["cgroup_parent"] = parent
+        opts.pop("mem_limit", None)  # Slurm's limit (the job's cgroup) is the one: its OOM is Slurm's
+        if self.cfg.fake_gpus:
+            opts.pop("device_requests", None)
+            opts["devices"] = [f"{d}:{d}:rwm" for d in devices]
+        host = {k: opts.pop(k) for k in list(opts) if k in _HOST_KEYS}
+        created = client.api.create_container(host_config=client.api.create_host_config(**host), **opts)
+        cid = str(created["Id"])
+        client.api.start(cid)
+        return cid, False
+
+    def _write_logs(self, cid: str, path: str, uid: int, gid: int) -> None:
+        try:
+            self.runtime.write_logs(cid, path, uid, gid, True)
+        except Exception:
+            log.exception("container %s: writing its log failed", cid[:12])
+
+    def _wait(self, cid: str) -> None:
+        try:
+            self.runtime.client.api.wait(cid, timeout=None)
+        except Exception:
+            log.exception("container %s: waiting for it failed", cid[:12])
+
+    def _watch(self, cid: str, conn: socket.socket, waiter: threading.Thread) -> None:
+        """Until the container ends: a line from the step ("stop") or its disconnect stops it."""
+        stopping = False
+        conn.settimeout(0.5)
+        while waiter.is_alive():
+            if stopping:
+                waiter.join(0.5)
+                continue
+            try:
+                data = conn.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                data = b""
+            stopping = True
+            why = "asked to stop (scancel, time limit or preemption)" if data else "its batch step is gone"
+            log.info("container %s: %s; stopping it (grace %g s)", cid[:12], why, self.cfg.kill_grace)
+            threading.Thread(target=self._stop, args=(cid,), daemon=True).start()
+
+    def _stop(self, cid: str) -> None:
+        try:
+            self.runtime.stop(cid, self.cfg.kill_grace)
+        except Exception:
+            log.exception("container %s: stop failed", cid[:12])
+
+    def _oom_in(self, parent: str) -> bool:
+        """Slurm's limit is on the job's cgroup: an OOM kill there shows in its memory counters."""
+        root = Path("/sys/fs/cgroup")
+        job_dir = parent.rsplit("/", 1)[0] if "/step_" in parent else parent
+        for candidate in (root / job_dir.lstrip("/") / "memory.events",
+                          root / "memory" / job_dir.lstrip("/") / "memory.oom_control"):
+            try:
+                text = candidate.read_text()
+            except OSError:
+                continue
+            m = re.search(r"oom_kill (\d+)", text)
+            if m and int(m.group(1)) > 0:
+                return True
+        return False
+
+    # ---------------------------------------------------------------- results
+    def _done(self, job_id: int) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.done_dir / f"{job_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _record(self, job_id: int, result: dict[str, Any]) -> None:
+        self.done_dir.mkdir(mode=0o700, exist_ok=True)
+        tmp = self.done_dir / f".{job_id}.json"
+        tmp.write_text(json.dumps(result))
+        tmp.replace(self.done_dir / f"{job_id}.json")
