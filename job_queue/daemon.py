@@ -3,7 +3,8 @@
 The loop blocks on a queue of typed messages (messages.py) fed by Docker die events, log-stream
 ends and API requests; it never sleep-polls. Its only timer is the next job time-limit deadline
 (and, on NVML nodes with a GPU blocked by a foreign process, a slow re-read of NVML). The start/stop
-path is starts.py; how an exit is classified (exits.py) and what reconciliation does
+path is starts.py; after each pass the containers of the jobs forecast to start next are made
+ahead (prepare.py); how an exit is classified (exits.py) and what reconciliation does
 (reconcile.py) are pure functions.
 """
 
@@ -34,8 +35,17 @@ from .messages import Died, Message, Oom, Reconcile, Started, Wake
 from .metrics import Metrics
 from .models import Job, JobState, StopReason
 from .notify import Notifier, NotifyConfigError, load_secrets
+from .prepare import Preparer
 from .reaper import Reaper
-from .reconcile import DISAPPEARED, Adopt, Leftover, MarkCancelled, MarkDisappeared, ResumeStart
+from .reconcile import (
+    DISAPPEARED,
+    Adopt,
+    DiscardPrepared,
+    Leftover,
+    MarkCancelled,
+    MarkDisappeared,
+    ResumeStart,
+)
 from .reconcile import plan as plan_reconcile
 from .runtime import ContainerEvent, ContainerInfo, DockerRuntime, Runtime
 from .scheduler import Policy, schedule
@@ -52,7 +62,8 @@ IMAGE_CACHE_S = 60.0
 
 class Daemon(StartStop):
     def __init__(self, cfg: Config, store: Store, runtime: Runtime, inventory: Inventory,
-                 clock: Callable[[], float] = time.time, parallel_starts: int = 8) -> None:
+                 clock: Callable[[], float] = time.time, parallel_starts: int = 8,
+                 prepare_ahead: int | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.runtime = runtime
@@ -67,10 +78,13 @@ class Daemon(StartStop):
         self._starters = None
         if parallel_starts > 0:
             self._starters = ThreadPoolExecutor(parallel_starts, thread_name_prefix="labq-start")
+        self.preparer = Preparer(runtime, background=parallel_starts > 0)
         self._images_seen: dict[str, float] = {}
         self._start_attempts: dict[int, int] = {}
         self._gpus: list[GpuInfo] = inventory.snapshot(())
         self._gpus_read = clock()
+        # Forecast next starts whose containers are made ahead: one per GPU by default (0: none).
+        self.prepare_ahead = max(1, len(self._gpus)) if prepare_ahead is None else prepare_ahead
         self.service = Service(cfg, store, self, clock)
         self.policy = Policy(max_gpus_per_user=cfg.max_gpus_per_user, node_cpus=cfg.effective_cpus(),
                              node_mem=cfg.effective_mem())
@@ -187,6 +201,7 @@ class Daemon(StartStop):
         if self.api is not None:
             self.api.close()
         self.reaper.shutdown()
+        self.preparer.forget()  # what was made ahead is removed by the next labqd's reconcile
         self.notifier.stop()
         self._stoppers.shutdown(wait=False, cancel_futures=True)
         if self._starters is not None:
@@ -242,7 +257,8 @@ class Daemon(StartStop):
             deps = self.store.states(j.spec.after for j in jobs if j.spec.after is not None)
             unavailable = {g.id: "; ".join(p.describe() for p in g.foreign) for g in self._gpus if g.foreign}
             now = self.clock()
-            d = schedule(jobs, [g.id for g in self._gpus], self.policy, now, deps, unavailable)
+            d = schedule(jobs, [g.id for g in self._gpus], self.policy, now, deps, unavailable,
+                         self.prepare_ahead)
             self.next_deadline = d.next_deadline
             if d.changed:
                 self.store.set_reasons(d.changed)
@@ -257,11 +273,14 @@ class Daemon(StartStop):
             for job_id, gpus in d.starts:
                 self.start_job(job_id, gpus)
             if not d.cancels:
+                forecast = {job_id for job_id, _ in d.prepares}
+                self.preparer.plan(d.prepares, {j.id: j for j in jobs if j.id in forecast})
                 return
 
     def settle(self) -> None:
         """Wait for background work (stops, log saving, removals) to finish; for tests and tools."""
         self._stoppers.shutdown(wait=True)
+        self.preparer.settle()
         self.reaper.settle()
 
     # ------------------------------------------------------------ exits and recovery
@@ -316,15 +335,23 @@ class Daemon(StartStop):
         """Match the store against labq-labelled containers after a (re)start or lost event stream
         (the plan is reconcile.plan, pure; this carries it out)."""
         jobs = self.store.unfinished_jobs()
-        active = {j.id for j in jobs if j.state.active}
+        by_id = {j.id: j for j in jobs}
         containers = []
         for info in self.runtime.list_jobs():
-            if info.status == "created" and info.job_id in active:  # labqd died between create and start
+            job = by_id.get(info.job_id) if info.job_id is not None else None
+            if info.status == "created" and job is not None and job.state.active:
+                # labqd died between create and start. Started only if made for the GPUs recorded with
+                # the start; one prepared for other GPUs is removed and the start resumed.
+                if not self.runtime.matches(job, info):
+                    log.info("job %d: container %s was prepared for other GPUs; removing it", job.id,
+                             info.id[:12])
+                    self.runtime.discard(info.id)
+                    continue
                 with contextlib.suppress(Exception):
                     self.runtime.start_created(info.id)
                 info = self.runtime.inspect(info.id) or info
             containers.append(info)
-        by_id = {j.id: j for j in jobs}
+        prepared = self.preparer.known()
         for action in plan_reconcile(jobs, containers):
             match action:
                 case MarkCancelled(job_id):
@@ -345,6 +372,17 @@ class Daemon(StartStop):
                     self.reaper.follow(by_id[job_id], info.id)
                     if stop:
                         self.request_stop(job_id)
+                case DiscardPrepared(info):
+                    assert info.job_id is not None
+                    if info.id in prepared:
+                        continue  # made ahead by this labqd for a job it forecasts: kept
+                    if self.store.get(info.job_id) is None:
+                        log.warning("container %s is labelled labq.job=%d but there is no such job; "
+                                    "leaving it", info.id[:12], info.job_id)
+                        continue
+                    log.info("job %d: removing container %s, prepared but never started", info.job_id,
+                             info.id[:12])
+                    self.runtime.discard(info.id)
                 case Leftover(info):
                     assert info.job_id is not None
                     known = self.store.get(info.job_id)

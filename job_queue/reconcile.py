@@ -1,8 +1,11 @@
 """Reconciliation as a pure plan: the store's jobs and Docker's labelled containers in, what to do out.
 
 labqd runs it after a (re)start and after a lost event stream; the daemon carries the plan out. No
-I/O here (containers Docker created but never started are started by the daemon before planning),
-so every case is unit-tested like the scheduler.
+I/O here (containers Docker created but never started for a starting job are started by the daemon
+before planning if they were made for the GPUs recorded with the start, and removed otherwise), so
+every case is unit-tested like the scheduler. A created, never started container of a job that is
+not starting (made ahead for a job forecast to start next, prepare.py, which was then cancelled,
+held, or whose labqd stopped) is removed: it never ran, and the job's start makes it again.
 """
 
 from __future__ import annotations
@@ -55,7 +58,15 @@ class Leftover:
     container: ContainerInfo
 
 
-Action = MarkCancelled | ResumeStart | MarkDisappeared | Adopt | Leftover
+@dataclass(frozen=True)
+class DiscardPrepared:
+    """A container created and never started, of a job that is not starting or running (made ahead
+    for it, prepare.py): remove it (unless the running labqd keeps it for its forecast)."""
+
+    container: ContainerInfo
+
+
+Action = MarkCancelled | ResumeStart | MarkDisappeared | Adopt | DiscardPrepared | Leftover
 
 DISAPPEARED = "container disappeared while labqd was not running"
 
@@ -79,5 +90,6 @@ def plan(jobs: Iterable[Job], containers: Iterable[ContainerInfo]) -> list[Actio
         out.append(Adopt(job.id, info,
                          record_running=job.state == JobState.STARTING or job.container_id != info.id,
                          exited=info.finished, stop=not info.finished and job.stop_reason is not None))
-    out.extend(Leftover(info) for info in by_job.values())
+    out.extend(DiscardPrepared(info) if info.status == "created" else Leftover(info)
+               for info in by_job.values())
     return out

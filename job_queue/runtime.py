@@ -5,11 +5,19 @@ All containers carry the labels ``labq.job``, ``labq.user`` and ``labq.instance`
 (one left over from a queue database that was reset, or a second labqd on the same engine). Docker refuses
 a second container with the same name, which is what makes starts exactly-once: both names are fixed for a
 job, and a restarted labqd re-adopts its containers by label before it starts anything again.
+
+A container may be made ahead of its start (``prepare``, see prepare.py). Each container carries
+``labq.config``, a digest of everything it was created with (command, user, mounts, environment
+with the GPUs, device requests); a created-but-never-started container of the job is only ever
+started when that digest is the job's as it starts now, otherwise it is removed (never forced, so a
+started container is never removed that way) and the container created again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -27,6 +35,7 @@ log = logging.getLogger("labqd.runtime")
 LABEL_JOB = "labq.job"
 LABEL_USER = "labq.user"
 LABEL_INSTANCE = "labq.instance"
+LABEL_CONFIG = "labq.config"
 
 
 _ALIGN = 4096  # bytes of followed output compared with Docker's log before its rest is appended
@@ -122,7 +131,15 @@ def container_options(job: Job, cfg: Config, instance: str = "") -> dict[str, An
             docker.types.DeviceRequest(driver="nvidia", device_ids=list(job.assigned_gpus),
                                        capabilities=[["gpu"]])
         ]
+    opts["labels"][LABEL_CONFIG] = config_digest(opts)
     return opts
+
+
+def config_digest(opts: dict[str, Any]) -> str:
+    """A digest of the container settings other than its name and labels (``labq.config``)."""
+    settings = {k: v for k, v in opts.items() if k not in ("name", "labels")}
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def parse_docker_time(text: str | None) -> float | None:
@@ -148,6 +165,8 @@ class ContainerInfo:
     oom_killed: bool
     started_at: float | None
     finished_at: float | None
+    config: str | None = None
+    """Its ``labq.config`` label (None: made by a labqd that did not set it)."""
 
     @property
     def finished(self) -> bool:
@@ -167,6 +186,7 @@ def _info(attrs: dict[str, Any]) -> ContainerInfo:
         oom_killed=bool(state.get("OOMKilled")),
         started_at=parse_docker_time(state.get("StartedAt")),
         finished_at=parse_docker_time(state.get("FinishedAt")),
+        config=labels.get(LABEL_CONFIG),
     )
 
 
@@ -177,7 +197,11 @@ class Runtime(Protocol):
     def inspect(self, container: str) -> ContainerInfo | None: ...
     def list_jobs(self) -> list[ContainerInfo]: ...
     def create_and_start(self, job: Job) -> str: ...
+    def prepare(self, job: Job) -> str | None: ...
+    def start_prepared(self, job: Job, cid: str) -> str: ...
     def start_created(self, cid: str) -> None: ...
+    def matches(self, job: Job, info: ContainerInfo) -> bool: ...
+    def discard(self, cid: str) -> None: ...
     def stop(self, cid: str, grace: float) -> None: ...
     def remove(self, cid: str) -> None: ...
     def write_logs(self, cid: str, path: str, uid: int, gid: int, follow: bool) -> None: ...
@@ -244,21 +268,50 @@ class DockerRuntime:
 
         names = (container_name(job), container_name(job, self.instance))
         for name in names:
-            cid, started = self._create_or_adopt(job, name)
-            if cid is None:
-                log.warning("job %d: container name %s is another queue's; trying the next", job.id, name)
-                continue
-            if started:
-                return cid  # already started once: adopt, never start again
-            try:
-                self.client.api.start(cid)
-            except docker.errors.APIError as exc:
-                raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
-            return cid
+            for _ in range(3):
+                cid, started = self._create_or_adopt(job, name)
+                if cid is None or started:
+                    break  # not ours, or already started once: adopt, never start again
+                try:
+                    self.client.api.start(cid)
+                except docker.errors.NotFound:
+                    continue  # a prepared container removed meanwhile: make it again
+                except docker.errors.APIError as exc:
+                    raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
+                return cid
+            else:
+                raise RuntimeError_(f"container {name} keeps disappearing before its start")
+            if cid is not None:
+                return cid
+            log.warning("job %d: container name %s is another queue's; trying the next", job.id, name)
         raise RuntimeError_(f"container names {' and '.join(names)} are taken by another queue's containers")
 
     def _create_or_adopt(self, job: Job, name: str) -> tuple[str | None, bool]:
-        """(container id, already started) of the job's container ``name``; (None, False): not ours."""
+        """(container id, already started) of the job's container ``name``; (None, False): not ours.
+
+        A created-but-never-started container of the job made with other settings (prepared for
+        other GPUs) is removed and the container created again.
+        """
+        for _ in range(3):
+            cid = self._create(job, name)
+            if cid is not None:
+                return cid, False
+            existing = self.inspect(name)
+            if existing is None:
+                continue  # removed meanwhile: create again
+            if existing.job_id != job.id or existing.instance != self.instance:
+                return None, False
+            if existing.status != "created":
+                return existing.id, True
+            if self.matches(job, existing):
+                return existing.id, False
+            log.info("job %d: container %s was prepared with other settings; making it again",
+                     job.id, existing.id[:12])
+            self.discard(existing.id)
+        raise RuntimeError_(f"container name {name} keeps being taken")
+
+    def _create(self, job: Job, name: str) -> str | None:
+        """Create the job's container ``name``; None: the name is taken."""
         import docker.errors
 
         try:
@@ -268,16 +321,50 @@ class DockerRuntime:
             args = {k: v for k, v in opts.items() if k not in HOST_CONFIG_KEYS}
             # The low-level call: the high-level one inspects the new container once more.
             created = api.create_container(**args, host_config=host, detach=True, use_config_proxy=False)
-            return str(created["Id"]), False
+            return str(created["Id"])
         except docker.errors.ImageNotFound as exc:
             raise RuntimeError_(f"image '{job.spec.image}' not found on this node") from exc
         except docker.errors.APIError as exc:
             if exc.status_code != 409:
                 raise RuntimeError_(f"docker create failed: {exc.explanation or exc}") from exc
-        existing = self.inspect(name)
-        if existing is None or existing.job_id != job.id or existing.instance != self.instance:
-            return None, False
-        return existing.id, existing.status != "created"
+        return None
+
+    def matches(self, job: Job, info: ContainerInfo) -> bool:
+        """Whether the container was made with the settings the job gets now (its GPUs included);
+        one from a labqd that did not label them counts as matching (it never prepared ahead)."""
+        return info.config is None or info.config == container_options(job, self.cfg, self.instance)[
+            "labels"][LABEL_CONFIG]
+
+    def prepare(self, job: Job) -> str | None:
+        """Create the job's container (with ``job.assigned_gpus``) without starting it; None when its
+        name is taken (a container of the job exists already, or another queue's)."""
+        return self._create(job, container_name(job))
+
+    def start_prepared(self, job: Job, cid: str) -> str:
+        """Start the job's prepared container ``cid`` (made for the job as it starts now); if it is
+        gone, create and start the job's container."""
+        import docker.errors
+
+        try:
+            self.client.api.start(cid)
+        except docker.errors.NotFound:
+            return self.create_and_start(job)
+        except docker.errors.APIError as exc:
+            raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
+        return cid
+
+    def discard(self, cid: str) -> None:
+        """Remove a container that was never started; a started one is left (no force)."""
+        import docker.errors
+
+        try:
+            self.client.api.remove_container(cid, force=False)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+            log.warning("container %s is not just created; not removing it", cid[:12])
 
     def start_created(self, cid: str) -> None:
         self.client.api.start(cid)

@@ -3,6 +3,14 @@
 No I/O here: the daemon feeds in a snapshot and applies the returned decisions, so every rule
 (priority order, per-user GPU cap, dependencies, array caps, EASY backfill, time limits) is
 unit-testable without Docker.
+
+With ``prepare_ahead`` the same pass also predicts which jobs start next and on which GPUs
+(``Decisions.prepares``), so labqd can create their containers while those GPUs are still busy
+(prepare.py). The prediction is this scheduler's own rules applied to a what-if: the running jobs
+end one by one in the order they are expected to (being stopped first, then by time-limit end,
+then the longest running), and after each end the first waiting job that would then start takes
+the freed resources, with the GPUs ``schedule`` would give it (free GPUs in inventory order). It
+is only a forecast: what starts is decided again by ``schedule`` when the GPUs are really free.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ class Decisions:
     shadow_time: float | None = None
     changed: dict[int, str] = field(default_factory=dict)
     """The entries of ``reasons`` that differ from the job's recorded reason (what must be written)."""
+    prepares: list[tuple[int, list[str]]] = field(default_factory=list)
+    """Predicted next starts (job id, GPUs), in expected order; only with ``prepare_ahead``."""
 
 
 def queue_order(job: Job) -> tuple[int, float, int]:
@@ -101,10 +111,12 @@ def schedule(
     now: float,
     dep_states: Mapping[int, JobState] | None = None,
     unavailable: Mapping[str, str] | None = None,
+    prepare_ahead: int = 0,
 ) -> Decisions:
     """Decide which pending jobs start now, which wait (and why), which are cancelled or timed out.
 
     ``unavailable`` maps GPU ids busy with processes the queue did not start to a description.
+    ``prepare_ahead``: predict up to that many next starts (``Decisions.prepares``).
     """
     deps = dict(dep_states or {})
     blocked = dict(unavailable or {})
@@ -170,6 +182,54 @@ def schedule(
         if (s.array_id is not None and had_head == (shadow is not None) and len(out.cancels) == n_cancels
                 and len(out.starts) == n_starts):
             run_array, run_state, run_reason = s.array_id, job.state, reason
+    if prepare_ahead > 0:
+        done = {j for j, _ in out.starts} | {j for j, _ in out.cancels}
+        out.prepares = _predict([j for j in waiting if j.id not in done], free, running, user_gpus,
+                                array_running, deps, blocked, all_gpus, policy, now, prepare_ahead)
+    return out
+
+
+def _expected_end(job: Job, now: float) -> tuple[int, float, float, int]:
+    """Order in which running jobs are expected to end: being stopped, then by time-limit end,
+    then the longest running (similar jobs end in the order they started)."""
+    return (0 if job.stop_reason is not None else 1, job_end(job),
+            job.start_time if job.start_time is not None else now, job.id)
+
+
+def _predict(waiting: list[Job], free: _Free, running: list[Job], user_gpus: Counter[str],
+             array_running: Counter[int], deps: Mapping[int, JobState], blocked: Mapping[str, str],
+             all_gpus: Sequence[str], policy: Policy, now: float, limit: int) -> list[tuple[int, list[str]]]:
+    """The what-if behind ``Decisions.prepares`` (see the module docstring); works on copies."""
+    free = _Free(list(free.gpus), free.cpus, free.mem)
+    user_gpus, array_running, running = Counter(user_gpus), Counter(array_running), list(running)
+    order = {g: i for i, g in enumerate(all_gpus)}
+    out: list[tuple[int, list[str]]] = []
+    picked: set[int] = set()
+    for ending in sorted(running, key=lambda j: _expected_end(j, now))[:limit]:
+        running.remove(ending)
+        free.gpus = sorted([*free.gpus, *(g for g in ending.assigned_gpus if g not in blocked)],
+                           key=lambda g: order.get(g, len(order)))
+        free.cpus += ending.spec.cpus or 0.0
+        free.mem += ending.spec.mem or 0
+        user_gpus[ending.user] -= ending.spec.gpus
+        if ending.spec.array_id is not None:
+            array_running[ending.spec.array_id] -= 1
+        scratch = Decisions()
+        skip: tuple[int, JobState] | None = None
+        for job in waiting:
+            if job.id in picked or (skip is not None and (job.spec.array_id, job.state) == skip):
+                continue
+            skip = None
+            reason = _decide(job, scratch, free, running, user_gpus, array_running, deps, blocked,
+                             all_gpus, policy, now, None)
+            if scratch.starts:
+                out.extend(scratch.starts)
+                picked.add(job.id)
+                break
+            if scratch.head is not None:
+                break  # the first job that would not fit even then: nothing passes it in a forecast
+            if reason is not None and job.spec.array_id is not None:
+                skip = (job.spec.array_id, job.state)  # its array's next tasks wait for the same reason
     return out
 
 

@@ -1,5 +1,6 @@
-"""labqd's start/stop path: record a start, create and start the container in a worker, record the
-result, stop containers. A part of Daemon (daemon.py holds the loop), kept apart from the loop.
+"""labqd's start/stop path: record a start, create and start the container in a worker (or start
+the container prepared for it, prepare.py), record the result, stop containers. A part of Daemon
+(daemon.py holds the loop), kept apart from the loop.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from .config import Config
 from .exits import start_failure
@@ -17,6 +18,7 @@ from .messages import Message, Reconcile, Started
 from .metrics import Metrics
 from .models import Job, JobState
 from .notify import Notifier
+from .prepare import Preparer
 from .reaper import Reaper
 from .runtime import Runtime, RuntimeError_
 from .store import Store
@@ -35,6 +37,7 @@ class StartStop:
     reaper: Reaper
     metrics: Metrics
     notifier: Notifier
+    preparer: Preparer
     _starters: ThreadPoolExecutor | None
     _stoppers: ThreadPoolExecutor
     _start_attempts: dict[int, int]
@@ -49,20 +52,28 @@ class StartStop:
         job = self.store.get(job_id)
         assert job is not None
         self.metrics.job_started(job, self.clock())
+        prepared = self.preparer.take(job_id, gpus)
         if self._starters is None:
-            self._on_started(*self._create(job))
+            self._on_started(*self._create(job, prepared))
         else:  # create/start in parallel; the main loop records the result ("started")
             def run() -> None:
                 with self.reaper.starting():
-                    result = self._create(job)
+                    result = self._create(job, prepared)
                 self.queue.put(Started(*result))
 
             self._starters.submit(run)
 
-    def _create(self, job: Job) -> tuple[int, str | None, str | None]:
-        """Create and start the container: (job id, container id, error). Runs in a worker."""
+    def _create(self, job: Job,
+                prepared: Future[str | None] | None = None) -> tuple[int, str | None, str | None]:
+        """Create and start the container, or start the one prepared for it with these GPUs:
+        (job id, container id, error). Runs in a worker."""
         try:
             t0 = time.monotonic()
+            cid = prepared.result() if prepared is not None else None
+            if cid is not None:
+                cid = self.runtime.start_prepared(job, cid)
+                log.debug("job %d: prepared container started in %.3f s", job.id, time.monotonic() - t0)
+                return job.id, cid, None
             cid = self.runtime.create_and_start(job)
             log.debug("job %d: container created and started in %.3f s", job.id, time.monotonic() - t0)
             return job.id, cid, None

@@ -12,15 +12,15 @@ import pytest
 from job_queue.config import parse_config
 from job_queue.daemon import Daemon
 from job_queue.gpus import FakeInventory, ForeignProcess, GpuInfo
-from job_queue.models import JobSpec, JobState, StopReason
+from job_queue.models import Job, JobSpec, JobState, StopReason
 from job_queue.runtime import ContainerEvent, ContainerInfo, RuntimeError_
 from job_queue.store import SqliteStore
 
 
 def info(cid: str, job_id: int | None, status: str, code: int | None, oom: bool,
-         finished: float | None) -> ContainerInfo:
+         finished: float | None, config: str | None = None) -> ContainerInfo:
     return ContainerInfo(id=cid, job_id=job_id, status=status, instance="inst", exit_code=code,
-                         oom_killed=oom, started_at=10.0, finished_at=finished)
+                         oom_killed=oom, started_at=10.0, finished_at=finished, config=config)
 
 
 class FakeRuntime:
@@ -31,11 +31,6 @@ class FakeRuntime:
         self.raise_create: BaseException | None = None
         self._ids = itertools.count(1)
 
-    def add(self, job_id: int | None, status: str, exit_code: int = 0, oom: bool = False) -> str:
-        cid = f"c{next(self._ids):063d}"
-        self.containers[cid] = info(cid, job_id, status, exit_code, oom, 20.0)
-        return cid
-
     def image_exists(self, image: str) -> bool:
         return True
 
@@ -45,19 +40,61 @@ class FakeRuntime:
     def list_jobs(self) -> list[ContainerInfo]:
         return list(self.containers.values())
 
-    def create_and_start(self, job: object) -> str:
-        job_id = job.id  # type: ignore[attr-defined]
-        self.calls.append(("create", str(job_id)))
+    def add(self, job_id: int | None, status: str, exit_code: int = 0, oom: bool = False,
+            config: str | None = None) -> str:
+        cid = f"c{next(self._ids):063d}"
+        self.containers[cid] = info(cid, job_id, status, exit_code, oom, 20.0, config)
+        return cid
+
+    @staticmethod
+    def config(job: Job) -> str:
+        """What labq.config stands for here: the GPUs the container was made for."""
+        return ",".join(job.assigned_gpus) or "-"
+
+    def of_job(self, job_id: int) -> ContainerInfo | None:
+        """The job's container (Docker allows one per name, and a job has one name)."""
+        return next((c for c in list(self.containers.values()) if c.job_id == job_id), None)
+
+    def create_and_start(self, job: Job) -> str:
+        self.calls.append(("create", str(job.id)))
         if self.fail_create:
             raise RuntimeError_(self.fail_create)
         if self.raise_create is not None:
             raise self.raise_create
-        return self.add(job_id, "running")
+        existing = self.of_job(job.id)
+        if existing is not None and existing.status == "created" and self.matches(job, existing):
+            self.start_created(existing.id)
+            return existing.id
+        if existing is not None and existing.status == "created":
+            self.discard(existing.id)
+        elif existing is not None:
+            return existing.id  # started once already: adopted
+        return self.add(job.id, "running", config=self.config(job))
+
+    def prepare(self, job: Job) -> str | None:
+        self.calls.append(("prepare", f"{job.id}:{self.config(job)}"))
+        if self.of_job(job.id) is not None:
+            return None
+        return self.add(job.id, "created", config=self.config(job))
+
+    def start_prepared(self, job: Job, cid: str) -> str:
+        if cid not in self.containers:
+            return self.create_and_start(job)
+        self.start_created(cid)
+        return cid
+
+    def matches(self, job: Job, info: ContainerInfo) -> bool:
+        return info.config is None or info.config == self.config(job)
+
+    def discard(self, cid: str) -> None:
+        self.calls.append(("discard", cid))
+        if cid in self.containers and self.containers[cid].status == "created":
+            del self.containers[cid]
 
     def start_created(self, cid: str) -> None:
         self.calls.append(("start", cid))
         old = self.containers[cid]
-        self.containers[cid] = info(cid, old.job_id, "running", None, False, None)
+        self.containers[cid] = info(cid, old.job_id, "running", None, False, None, old.config)
 
     def stop(self, cid: str, grace: float) -> None:
         self.calls.append(("stop", cid))
@@ -284,3 +321,141 @@ def test_gpu_with_a_foreign_process_is_reported_and_not_given_out(tmp_path: Path
     d.schedule_pass()
     assert inv.seen_own[-1] == [first.container_id]  # processes in our containers are not foreign
     d.settle()
+
+
+Env = tuple[Daemon, SqliteStore, FakeRuntime]
+
+
+def exit_job(d: Daemon, store: SqliteStore, rt: FakeRuntime, job_id: int) -> None:
+    """The job's container exits (Docker die event), then the pass that follows it."""
+    job = store.get(job_id)
+    assert job is not None and job.container_id is not None
+    cid = job.container_id
+    rt.containers[cid] = info(cid, job_id, "exited", 0, False, 30.0, rt.containers[cid].config)
+    d.on_exit(cid, job_id, event=ContainerEvent("die", cid, job_id, 0, 30.0))
+    d.schedule_pass()
+
+
+def prepared_for(rt: FakeRuntime, job_id: int) -> ContainerInfo:
+    c = rt.of_job(job_id)
+    assert c is not None and c.status == "created"
+    return c
+
+
+def assert_started_with_their_gpus(store: SqliteStore, rt: FakeRuntime) -> None:
+    for job in store.unfinished_jobs():
+        c = rt.of_job(job.id)
+        if job.state == JobState.RUNNING:
+            assert c is not None and c.id == job.container_id and c.status == "running"
+            assert c.config == ",".join(job.assigned_gpus)
+        else:
+            assert c is None or c.status == "created"
+
+
+def test_next_job_is_prepared_and_only_started_when_the_gpu_frees(env: Env) -> None:
+    d, store, rt = env
+    one, _two, three = store.add_jobs([spec(), spec(), spec()], now=1.0)
+    d.schedule_pass()
+    made = prepared_for(rt, three)  # while g0 and g1 are busy: forecast on g0 (job one ends first)
+    assert made.config == "g0" and ("prepare", f"{three}:g0") in rt.calls
+    d.schedule_pass()
+    assert rt.calls.count(("prepare", f"{three}:g0")) == 1  # kept, not made again
+    exit_job(d, store, rt, one)
+    job = store.get(three)
+    assert job is not None and job.state == JobState.RUNNING and job.assigned_gpus == ["g0"]
+    assert job.container_id == made.id and job.start_count == 1
+    assert ("start", made.id) in rt.calls and ("create", str(three)) not in rt.calls
+    assert_started_with_their_gpus(store, rt)
+
+
+def test_prepared_container_for_other_gpus_is_removed_not_started(env: Env) -> None:
+    d, store, rt = env
+    _one, two, three = store.add_jobs([spec(), spec(), spec()], now=1.0)
+    d.schedule_pass()
+    made = prepared_for(rt, three)
+    assert made.config == "g0"
+    exit_job(d, store, rt, two)  # g1 frees first: the scheduler gives job three g1
+    job = store.get(three)
+    assert job is not None and job.state == JobState.RUNNING and job.assigned_gpus == ["g1"]
+    assert made.id not in rt.containers and ("start", made.id) not in rt.calls
+    assert ("discard", made.id) in rt.calls and rt.calls.count(("create", str(three))) == 1
+    assert_started_with_their_gpus(store, rt)
+
+
+def test_prepared_container_removed_when_its_job_is_cancelled_or_held(env: Env) -> None:
+    d, store, rt = env
+    ids = store.add_jobs([spec() for _ in range(5)], now=1.0)
+    d.schedule_pass()
+    third, fourth, fifth = ids[2:]
+    first_made = prepared_for(rt, third)
+    assert (first_made.config, prepared_for(rt, fourth).config) == ("g0", "g1")
+    assert rt.of_job(fifth) is None  # one per expected end (two GPUs)
+    assert store.transition(third, [JobState.PENDING], state=JobState.CANCELLED, end_time=100.0)
+    d.schedule_pass()
+    assert rt.of_job(third) is None and ("discard", first_made.id) in rt.calls
+    assert (prepared_for(rt, fourth).config, prepared_for(rt, fifth).config) == ("g0", "g1")
+    assert store.transition(fourth, [JobState.PENDING], state=JobState.HELD)
+    d.schedule_pass()
+    assert rt.of_job(fourth) is None and prepared_for(rt, fifth).config == "g0"
+    exit_job(d, store, rt, ids[1])  # g1 frees first: the fifth job gets it, made again for g1
+    job = store.get(fifth)
+    assert job is not None and job.state == JobState.RUNNING and job.assigned_gpus == ["g1"]
+    assert store.get(third).state == JobState.CANCELLED  # type: ignore[union-attr]
+    assert store.get(fourth).state == JobState.HELD  # type: ignore[union-attr]
+    assert rt.of_job(third) is None and rt.of_job(fourth) is None
+    assert not [c for c in rt.calls if c[0] == "start" and c[1] == first_made.id]
+    assert_started_with_their_gpus(store, rt)
+
+
+def restarted(d: Daemon, store: SqliteStore, rt: FakeRuntime) -> Daemon:
+    """A new labqd on the same store and Docker (the old one was killed: nothing of it is used)."""
+    d.settle()
+    return Daemon(d.cfg, store, rt, FakeInventory(["g0", "g1"]), clock=lambda: 100.0, parallel_starts=0)
+
+
+def test_restart_removes_prepared_containers_and_runs_nothing_twice(env: Env) -> None:
+    d, store, rt = env
+    one, two, three = store.add_jobs([spec(), spec(), spec()], now=1.0)
+    d.schedule_pass()
+    made = prepared_for(rt, three)
+    d2 = restarted(d, store, rt)
+    d2.reconcile()
+    assert made.id not in rt.containers  # prepared, never started: removed
+    assert store.get(three).state == JobState.PENDING  # type: ignore[union-attr]
+    assert {store.get(i).state for i in (one, two)} == {JobState.RUNNING}  # type: ignore[union-attr]
+    d2.schedule_pass()
+    again = prepared_for(rt, three)
+    assert again.id != made.id and again.config == "g0"
+    exit_job(d2, store, rt, one)
+    job = store.get(three)
+    assert job is not None and job.state == JobState.RUNNING and job.container_id == again.id
+    assert job.start_count == 1 and ("create", str(three)) not in rt.calls
+    assert_started_with_their_gpus(store, rt)
+    d2.settle()
+
+
+@pytest.mark.parametrize(("freed", "adopted"), [(0, True), (1, False)])
+def test_restart_between_recorded_start_and_docker_start_of_a_prepared_container(
+        env: Env, freed: int, adopted: bool) -> None:
+    d, store, rt = env
+    ids = store.add_jobs([spec(), spec(), spec()], now=1.0)
+    d.schedule_pass()
+    made = prepared_for(rt, ids[2])  # for g0
+    # Job `freed` ended and labqd recorded job three as starting on its GPU, then died.
+    ended = store.get(ids[freed])
+    assert ended is not None and ended.container_id is not None
+    del rt.containers[ended.container_id]
+    store.update(ids[freed], state=JobState.SUCCEEDED, end_time=50.0)
+    assert store.mark_starting(ids[2], ended.assigned_gpus, 60.0)
+    d2 = restarted(d, store, rt)
+    d2.reconcile()
+    job = store.get(ids[2])
+    assert job is not None and job.state == JobState.RUNNING and job.start_count == 1
+    assert job.assigned_gpus == ended.assigned_gpus
+    if adopted:  # made for the recorded GPUs: started, not made again
+        assert job.container_id == made.id and ("create", str(ids[2])) not in rt.calls
+    else:  # made for g0 but recorded on g1: removed, never started, made again for g1
+        assert made.id not in rt.containers and ("start", made.id) not in rt.calls
+        assert rt.calls.count(("create", str(ids[2]))) == 1
+    assert_started_with_their_gpus(store, rt)
+    d2.settle()

@@ -54,7 +54,15 @@ def test_docker_errors_unreachable_or_not() -> None:
 
 def test_reconcile_plan() -> None:
     from job_queue.models import Job, JobSpec
-    from job_queue.reconcile import Adopt, Leftover, MarkCancelled, MarkDisappeared, ResumeStart, plan
+    from job_queue.reconcile import (
+        Adopt,
+        DiscardPrepared,
+        Leftover,
+        MarkCancelled,
+        MarkDisappeared,
+        ResumeStart,
+        plan,
+    )
     from job_queue.runtime import ContainerInfo
 
     spec = JobSpec(user="alice", uid=1000, gid=1000, groups=[], home="/h", cwd="/h", image="i", command=["x"])
@@ -84,3 +92,7 @@ def test_reconcile_plan() -> None:
     ]
     assert plan([job(5, JobState.RUNNING, "old")], [box("new", 5, "running")]) == [
         Adopt(5, box("new", 5, "running"), record_running=True, exited=False, stop=False)]
+    # Made ahead and never started, for a job pending, held, or no longer unfinished: removed.
+    ahead1, ahead6, ahead9 = box("p1", 1, "created"), box("p6", 6, "created"), box("p9", 9, "created")
+    assert plan([job(1, JobState.PENDING), job(6, JobState.HELD)], [ahead1, ahead6, ahead9]) == [
+        DiscardPrepared(ahead1), DiscardPrepared(ahead6), DiscardPrepared(ahead9)]

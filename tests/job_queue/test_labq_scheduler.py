@@ -208,3 +208,50 @@ def _fields(spec: JobSpec) -> dict[str, object]:
     import dataclasses
 
     return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+
+
+def test_forecast_gives_each_expected_end_the_job_that_would_then_start_on_its_gpus() -> None:
+    clock = FakeClock()
+    later = running(["g0"], start=950.0)
+    stopping = running(["g1"], start=990.0)
+    stopping.stop_reason = StopReason.CANCEL  # being stopped: ends first
+    limited = running(["g2"], start=980.0, limit=100)  # ends at 1080
+    oldest = running(["g3"], start=800.0)
+    a, b, c, e = job(submit=1), job(submit=2), job(submit=3), job(submit=4)
+    held = job(submit=0.5, state=JobState.HELD)
+    d = schedule([later, stopping, limited, oldest, held, a, b, c, e], GPUS, Policy(), clock(),
+                 prepare_ahead=4)
+    assert d.starts == []
+    assert d.prepares == [(a.id, ["g1"]), (b.id, ["g2"]), (c.id, ["g3"]), (e.id, ["g0"])]
+    d2 = schedule([later, stopping, limited, oldest, held, a, b, c, e], GPUS, Policy(), clock(),
+                  prepare_ahead=2)
+    assert d2.prepares == d.prepares[:2]
+    assert schedule([later, a], GPUS, Policy(), clock()).prepares == []  # only when asked
+
+
+def test_forecast_follows_the_schedulers_rules() -> None:
+    clock = FakeClock()
+    # Two GPUs free now but the head needs three: it is forecast on the first end, with the free
+    # GPUs and the freed one in inventory order; a job now started is not forecast again.
+    r = running(["g2"], start=900.0)
+    r2 = running(["g3"], start=950.0)
+    small = job(0, submit=0.5)
+    big = job(3, submit=1)
+    d = schedule([r, r2, small, big], GPUS, Policy(), clock(), prepare_ahead=4)
+    assert d.starts == [(small.id, [])]
+    assert d.prepares == [(big.id, ["g0", "g1", "g2"])]
+    # The per-user GPU limit: bob's job cannot take alice's second GPU (he is at his limit), only
+    # after his own first end, and then the lowest free GPU, the one alice's end left free.
+    a1, a2 = running(["g0"], user="alice", start=900.0), running(["g1"], user="alice", start=950.0)
+    b1, b2 = running(["g2"], user="bob", start=960.0), running(["g3"], user="bob", start=970.0)
+    alice_next, bob_next = job(user="alice", submit=1), job(user="bob", submit=2)
+    d = schedule([a1, a2, b1, b2, alice_next, bob_next], GPUS, Policy(max_gpus_per_user=2), clock(),
+                 prepare_ahead=4)
+    assert d.prepares == [(alice_next.id, ["g0"]), (bob_next.id, ["g1"])]
+    # Array cap: the second task waits for its array's running task, not for the first end.
+    arr_run = job(1, state=JobState.RUNNING, start=900.0, assigned=["g0"], array=(50, 0, 1))
+    other = running(["g1"], start=800.0)
+    t1 = job(1, submit=1, array=(50, 1, 1))
+    t2 = job(1, submit=1, array=(50, 2, 1))
+    d = schedule([arr_run, other, t1, t2], ["g0", "g1"], Policy(), clock(), prepare_ahead=2)
+    assert d.prepares == [(t1.id, ["g0"])]  # `other` ends first but frees nothing t1 may use

@@ -278,7 +278,12 @@ def test_container_options_security_and_gpus() -> None:
             state=JobState.STARTING, submit_time=0, assigned_gpus=["GPU-u1", "GPU-u2"])
     o = container_options(j, cfg, "inst")
     assert o["name"] == "labq-7-alice" and o["user"] == "1000:1000" and o["group_add"] == ["5"]
+    digest = o["labels"].pop("labq.config")
     assert o["labels"] == {"labq.job": "7", "labq.user": "alice", "labq.instance": "inst"}
+    # labq.config: the settings it was made with, so a container prepared for other GPUs is told apart
+    assert digest == container_options(j, cfg, "inst")["labels"]["labq.config"]
+    other = Job(id=7, spec=j.spec, state=JobState.STARTING, submit_time=0, assigned_gpus=["GPU-u2", "GPU-u3"])
+    assert container_options(other, cfg, "inst")["labels"]["labq.config"] != digest
     assert o["security_opt"] == ["no-new-privileges"] and o["cap_drop"] == ["ALL"]
     assert o["privileged"] is False and "network_mode" not in o  # policy forbids host network
     assert o["working_dir"] == "/home/a/proj" and o["nano_cpus"] == 2_500_000_000 and o["mem_limit"] == 2**30

@@ -1,0 +1,141 @@
+"""Containers made ahead: the next jobs' containers are created while their GPUs are still busy, so
+when a job exits only ``docker start`` of the next one remains between the exit and the next start.
+
+Which jobs, on which GPUs: the scheduler's own forecast (``scheduler.schedule(prepare_ahead=...)``):
+the running jobs end in their expected order, and after each end the job that the scheduler would
+then start takes the freed GPUs. The GPUs are part of a container (``CUDA_VISIBLE_DEVICES``,
+``NVIDIA_VISIBLE_DEVICES``, the device request), and a job has exactly one container name (what
+makes starts exactly-once), so a job is prepared once, for the GPUs it is forecast to get. When the
+scheduler really starts it, the prepared container is started only if it was made for exactly the
+GPUs the job got now (and, checked by Docker label ``labq.config``, the same settings); otherwise
+it is removed and the container created as without preparation. A prepared container whose job is
+no longer forecast (cancelled, held, overtaken by a higher priority, or forecast on other GPUs) is
+removed. The other choice, preparing only where the GPUs are certain (one running job per node),
+would prepare nothing on a busy multi-GPU node; a wrong forecast costs one removal off the critical
+path and a create as before, and the forecast is right when similar jobs end in the order they
+started.
+
+Prepared containers are created, never started, so they are not runs: removal never forces (a
+started container is left), and after a labqd restart reconcile removes every created container of
+a job that is not recorded as starting (reconcile.py), and starts the one of a starting job only if
+it was made for the GPUs recorded with the start.
+
+Creates and removals run one at a time in one worker thread (in order, so a removal follows its
+create); the main loop owns the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from .models import Job
+from .runtime import Runtime
+
+log = logging.getLogger("labqd")
+
+
+@dataclasses.dataclass
+class Prepared:
+    gpus: tuple[str, ...]
+    container: Future[str | None]
+    """The prepared container's id once made (None: not made, e.g. the name was taken)."""
+
+
+def _done(value: str | None) -> Future[str | None]:
+    f: Future[str | None] = Future()
+    f.set_result(value)
+    return f
+
+
+class Preparer:
+    def __init__(self, runtime: Runtime, wait_for_starts: Callable[[], None] | None = None,
+                 background: bool = True) -> None:
+        self.runtime = runtime
+        self._wait_for_starts = wait_for_starts
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="labq-prepare") if background else None
+        self._entries: dict[int, Prepared] = {}
+
+    def _run(self, fn: Callable[[], str | None]) -> Future[str | None]:
+        if self._pool is None:
+            try:
+                return _done(fn())
+            except Exception as exc:
+                f: Future[str | None] = Future()
+                f.set_exception(exc)
+                return f
+        return self._pool.submit(fn)
+
+    def plan(self, wanted: Sequence[tuple[int, Sequence[str]]], jobs: Mapping[int, Job]) -> None:
+        """Main loop, after a pass: keep the containers of the forecast jobs (made for the forecast
+        GPUs), make the missing ones, remove the rest."""
+        want = {job_id: tuple(gpus) for job_id, gpus in wanted if job_id in jobs}
+        for job_id, entry in list(self._entries.items()):
+            if want.get(job_id) != entry.gpus:
+                del self._entries[job_id]
+                self._discard(entry)
+        for job_id, gpus in want.items():
+            if job_id not in self._entries:
+                job = dataclasses.replace(jobs[job_id], assigned_gpus=list(gpus))
+                self._entries[job_id] = Prepared(gpus, self._run(functools.partial(self._create, job)))
+
+    def take(self, job_id: int, gpus: Sequence[str]) -> Future[str | None] | None:
+        """Main loop, as the job starts on ``gpus``: its prepared container if it was made for these
+        GPUs (a future; the start worker waits for it), else None (one made for others is removed)."""
+        entry = self._entries.pop(job_id, None)
+        if entry is None:
+            return None
+        if entry.gpus == tuple(gpus):
+            if entry.container.cancel():  # never began: creating it in the start is as quick
+                return None
+            return entry.container
+        self._discard(entry)
+        return None
+
+    def known(self) -> set[str]:
+        """Ids of the prepared containers made so far (reconcile leaves them)."""
+        return {cid for e in self._entries.values()
+                if e.container.done() and not e.container.cancelled() and (cid := e.container.result())}
+
+    def forget(self) -> None:
+        """Drop the bookkeeping (labqd stopping: the next labqd removes what was prepared)."""
+        self._entries.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def settle(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _create(self, job: Job) -> str | None:
+        if self._wait_for_starts is not None:
+            self._wait_for_starts()  # starts go first: they are on someone's critical path
+        try:
+            cid = self.runtime.prepare(job)
+        except Exception as exc:  # the start makes it then, and reports any error
+            log.info("job %d: could not prepare its container: %s", job.id, exc)
+            return None
+        if cid is not None:
+            log.debug("job %d: container %s prepared for GPUs %s", job.id, cid[:12],
+                      ",".join(job.assigned_gpus) or "-")
+        return cid
+
+    def _discard(self, entry: Prepared) -> None:
+        if entry.container.cancel():
+            return  # never made
+
+        def run() -> None:
+            cid = entry.container.result()  # made before: the worker runs in order
+            if cid is not None:
+                try:
+                    self.runtime.discard(cid)
+                except Exception as exc:
+                    log.warning("could not remove prepared container %s: %s", cid[:12], exc)
+                else:
+                    log.debug("prepared container %s removed", cid[:12])
+            return
+
+        self._run(run)
