@@ -127,8 +127,9 @@ class GpuMap:
 class SlurmRunner:
     def __init__(self, cfg: Config, node: str, runtime: DockerRuntime | None = None,
                  lookup: Callable[[int, str], SlurmJob] = show_job, proc_root: str = "/proc",
-                 gpu_map: GpuMap | None = None) -> None:
+                 gpu_map: GpuMap | None = None, cgroup_root: str = "/sys/fs/cgroup") -> None:
         self.cfg = cfg
+        self.cgroup_root = cgroup_root
         self.node = node
         self.runtime = runtime or DockerRuntime(cfg, "slurm")
         self.lookup = lookup
@@ -266,11 +267,38 @@ class SlurmRunner:
         if self.cfg.fake_gpus:
             opts.pop("device_requests", None)
             opts["devices"] = [f"{d}:{d}:rwm" for d in devices]
+        self._allow_mknod(parent)
         host = {k: opts.pop(k) for k in list(opts) if k in _HOST_KEYS}
         created = client.api.create_container(host_config=client.api.create_host_config(**host), **opts)
         cid = str(created["Id"])
         client.api.start(cid)
         return cid, False
+
+    def _allow_mknod(self, parent: str) -> None:
+        """cgroup v1 only: let the job's cgroup grant ``mknod`` (never read or write) on the node's GPUs.
+
+        Slurm denies the GPUs a job does not hold with ``rwm`` in its devices cgroup (job and step).
+        runc always gives a container ``c *:* m`` (mknod of any device; the container has no
+        CAP_MKNOD to use it), and the kernel refuses that in a cgroup whose parent denies ``m`` on
+        any device, so no container could start under the job. Taking ``m`` off those denials keeps
+        every GPU the job does not hold closed for reading and writing, and lets the container start.
+        """
+        root = Path(self.cgroup_root) / "devices"
+        if not root.is_dir():
+            return  # cgroup v2: devices are eBPF programs, nothing to adjust
+        rules = []
+        for dev in self.gpu_map.devices():
+            try:
+                rdev = Path(dev).stat().st_rdev
+            except OSError:
+                continue
+            rules.append(f"c {os.major(rdev)}:{os.minor(rdev)} m")
+        parts = parent.strip("/").split("/")
+        start = next((i for i, p in enumerate(parts) if p.startswith("job_")), len(parts))
+        for depth in range(start + 1, len(parts) + 1):
+            allow = root.joinpath(*parts[:depth], "devices.allow")
+            for rule in rules:
+                allow.write_text(rule)
 
     def _write_logs(self, cid: str, path: str, uid: int, gid: int) -> None:
         try:
@@ -311,7 +339,7 @@ class SlurmRunner:
 
     def _oom_in(self, parent: str) -> bool:
         """Slurm's limit is on the job's cgroup: an OOM kill there shows in its memory counters."""
-        root = Path("/sys/fs/cgroup")
+        root = Path(self.cgroup_root)
         job_dir = parent.rsplit("/", 1)[0] if "/step_" in parent else parent
         for candidate in (root / job_dir.lstrip("/") / "memory.events",
                           root / "memory" / job_dir.lstrip("/") / "memory.oom_control"):
