@@ -16,7 +16,7 @@ export LABKIT_ROOT := $(ROOT)
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 
 .PHONY: help host venv lab lab-image lab-infra lab-up lab-converge lab-status lab-down \
-        test quick lint unit pytest-docker e2e docker-then-molecule molecule molecule-% test-nfs-vm bench gpu-check clean
+        test quick lint unit promtool-test pytest-docker e2e docker-then-molecule molecule molecule-% test-nfs-vm bench gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -78,6 +78,14 @@ lint: venv ## yamllint, ansible-lint (production profile), ruff, mypy
 
 unit: venv ## unit tests (no Docker, no lab)
 	pytest -m "not docker and not lab and not nfs_vm"
+
+PROMTOOL_DIR := .cache/promtool
+promtool-test: venv ## the alert rules rendered with monitoring_server's defaults: promtool check and unit tests
+	rm -rf $(PROMTOOL_DIR) && mkdir -p $(PROMTOOL_DIR)
+	$(PY) monitoring/prometheus/render_rules.py $(PROMTOOL_DIR)/rules >/dev/null
+	cp -r monitoring/prometheus/tests $(PROMTOOL_DIR)/tests
+	promtool check rules $(PROMTOOL_DIR)/rules/*.rules.yml
+	cd $(PROMTOOL_DIR)/tests && promtool test rules *.test.yml
 
 pytest-docker: host venv ## tests that drive a real Docker engine (labqd, exporters)
 	pytest -m "docker and not lab"

@@ -15,17 +15,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import requests
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "monitoring"
-RULES_DIR = MONITORING / "prometheus" / "rules"
-PROMTOOL_TESTS_DIR = MONITORING / "prometheus" / "tests"
+PROMETHEUS_DIR = MONITORING / "prometheus"
+# The alert rules are templates (*.rules.yml.j2); tests use them rendered (rendered_rules, write_rules).
+RULE_TEMPLATES_DIR = PROMETHEUS_DIR / "rules"
+PROMTOOL_TESTS_DIR = PROMETHEUS_DIR / "tests"
 ALERTMANAGER_DIR = MONITORING / "alertmanager"
 DASHBOARDS_DIR = MONITORING / "grafana" / "dashboards"
 RUNBOOKS_DIR = REPO / "docs" / "runbooks"
@@ -33,13 +36,42 @@ EXPORTERS_SRC = MONITORING / "exporters"
 
 T = TypeVar("T")
 
-if str(EXPORTERS_SRC) not in sys.path:
-    sys.path.insert(0, str(EXPORTERS_SRC))
+for _src in (EXPORTERS_SRC, PROMETHEUS_DIR):  # labkit_exporters; render_rules (the rules' renderer)
+    if str(_src) not in sys.path:
+        sys.path.insert(0, str(_src))
 
 # The helper modules hold assertions too; pytest rewrites them only if told before their import.
 pytest.register_assert_rewrite(
     *(m for m in ("mon_stack", "mon_sinks", "mon_dashboards", "mon_fake_nvml") if m not in sys.modules)
 )
+
+
+def _renderer() -> Any:
+    """monitoring/prometheus/render_rules.py, which renders the rule templates like the role does."""
+    import render_rules  # type: ignore[import-not-found]  # not on mypy's path
+
+    return render_rules
+
+
+def rendered_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Rule file name -> text, rendered as the monitoring_server role renders them (defaults + overrides)."""
+    rules: dict[str, str] = _renderer().render(overrides)
+    return rules
+
+
+def write_rules(dest: Path, overrides: Mapping[str, Any] | None = None) -> list[Path]:
+    """Render the rules into dest/ (made if missing); returns the files, sorted."""
+    paths: list[Path] = _renderer().write(dest, overrides)
+    return paths
+
+
+def alerting_rules(overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every alerting rule of the rendered rule files, in file order."""
+    rules: list[dict[str, Any]] = []
+    for _name, text in sorted(rendered_rules(overrides).items()):
+        for group in yaml.safe_load(text)["groups"]:
+            rules += [r for r in group["rules"] if "alert" in r]
+    return rules
 
 
 def need_binary(*names: str) -> str:

@@ -26,13 +26,13 @@ import yaml
 from mon_fake_nvml import gpu_users_sample
 from mon_helpers import (
     MONITORING,
-    RULES_DIR,
     exporter_env,
     free_port,
     http_ok,
     need_binary,
     running,
     wait_for,
+    write_rules,
 )
 from mon_sinks import StaticExporter
 from mon_slurm import replay_bin_dir, slurm_exporter
@@ -64,7 +64,8 @@ class Stack:
 def _prometheus_config(tmp: Path, targets: dict[str, list[tuple[int, str]]], prom_port: int) -> Path:
     cfg: dict[str, Any] = yaml.safe_load((MONITORING / "prometheus" / "prometheus.example.yml").read_text())
     cfg["global"].update(scrape_interval="2s", scrape_timeout="2s", evaluation_interval="1s")
-    cfg["rule_files"] = [str(RULES_DIR / "*.rules.yml")]
+    write_rules(tmp / "rules")
+    cfg["rule_files"] = [str(tmp / "rules" / "*.rules.yml")]
     cfg.pop("alerting")
     kept = []
     for job in cfg["scrape_configs"]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from mon_helpers import MONITORING, RULES_DIR, need_binary, wait_for
+from mon_helpers import MONITORING, need_binary, rendered_rules, wait_for, write_rules
 from mon_stack import GPU_SAMPLE_HOST, TEST_GPU_MODEL, TEST_HOST, Stack
 
 pytest_plugins = ("mon_stack",)
@@ -19,15 +20,19 @@ TARGETS = sorted((PROM_DIR / "targets").glob("*.yml"))
 GPU_JOBS = {"dcgm", "gpu_users"}
 
 
-def test_promtool_check_config_with_rules_and_targets() -> None:
+def test_promtool_check_config_with_rules_and_targets(tmp_path: Path) -> None:
+    """The example as installed: rules/ (rendered with the role's defaults) and targets/ beside it."""
+    shutil.copy(EXAMPLE, tmp_path / "prometheus.yml")
+    shutil.copytree(PROM_DIR / "targets", tmp_path / "targets")
+    rules = write_rules(tmp_path / "rules")
     result = subprocess.run(
-        [need_binary("promtool"), "check", "config", str(EXAMPLE)],
+        [need_binary("promtool"), "check", "config", str(tmp_path / "prometheus.yml")],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{len(list(RULES_DIR.glob('*.rules.yml')))} rule files found" in result.stdout
+    assert f"{len(rules)} rule files found" in result.stdout
 
 
 def test_every_file_sd_job_has_its_target_file() -> None:
@@ -85,10 +90,7 @@ def test_rules_load_and_evaluate_in_real_prometheus(stack: Stack) -> None:
     groups = requests.get(f"{stack.prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
     expected = sum(
-        1
-        for f in RULES_DIR.glob("*.rules.yml")
-        for g in yaml.safe_load(f.read_text())["groups"]
-        for _ in g["rules"]
+        len(g["rules"]) for text in rendered_rules().values() for g in yaml.safe_load(text)["groups"]
     )
     assert len(rules) == expected
     bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] not in ("ok", "unknown")]

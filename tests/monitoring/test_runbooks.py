@@ -6,22 +6,13 @@ import re
 from typing import Any
 
 import pytest
-import yaml
-from mon_helpers import REPO, RULES_DIR, RUNBOOKS_DIR
+from mon_helpers import REPO, RUNBOOKS_DIR, alerting_rules
 
-RUNBOOK_BASE = "https://git.lab.example.org/labkit/labkit/-/blob/main/docs/runbooks/"
+# The rules rendered with a runbook base URL of our own: every link is <base>/<AlertName>.md.
+RUNBOOK_BASE = "https://runbooks.test/docs/runbooks/"
 SECTIONS = ("What it means", "How to check", "What to do", "When to escalate")
 
-
-def alerting_rules() -> list[dict[str, Any]]:
-    rules = []
-    for f in sorted(RULES_DIR.glob("*.rules.yml")):
-        for group in yaml.safe_load(f.read_text())["groups"]:
-            rules += [r for r in group["rules"] if "alert" in r]
-    return rules
-
-
-RULES = alerting_rules()
+RULES = alerting_rules({"monitoring_server_runbook_base_url": RUNBOOK_BASE.rstrip("/")})
 ALERTS = sorted({r["alert"] for r in RULES})
 
 
