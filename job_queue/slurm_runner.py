@@ -199,6 +199,12 @@ class SlurmRunner:
             self._active.add(job_id)
         try:
             return self._run(caller, slurm_job, spec, parent, conn)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # Docker refused (bad command, image without a shell): say it plainly
+            why = str(getattr(exc, "explanation", None) or exc)[:400]
+            log.warning("Slurm job %d: its container did not start: %s", job_id, why)
+            raise ProtocolError(ErrorCode.INVALID, f"container: {why}") from exc
         finally:
             with self._lock:
                 self._active.discard(job_id)
@@ -341,8 +347,9 @@ class SlurmRunner:
         """Slurm's limit is on the job's cgroup: an OOM kill there shows in its memory counters."""
         root = Path(self.cgroup_root)
         job_dir = parent.rsplit("/", 1)[0] if "/step_" in parent else parent
-        for candidate in (root / job_dir.lstrip("/") / "memory.events",
-                          root / "memory" / job_dir.lstrip("/") / "memory.oom_control"):
+        dirs = [job_dir.lstrip("/"), parent.lstrip("/")]
+        for candidate in [root / d / "memory.events" for d in dirs] + [
+                root / "memory" / d / "memory.oom_control" for d in dirs]:
             try:
                 text = candidate.read_text()
             except OSError:
