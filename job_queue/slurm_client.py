@@ -44,7 +44,8 @@ _NOTIFY_MAIL = {"started": "BEGIN", "finished": "END", "failed": "FAIL"}
 _SQUEUE_FIELDS = ("%A", "%F", "%K", "%u", "%T", "%r", "%b", "%C", "%m", "%l", "%V", "%S", "%e", "%Q",
                   "%N", "%y", "%k", "%j")
 _SACCT_FIELDS = ("JobIDRaw", "JobID", "User", "State", "ExitCode", "Submit", "Start", "End", "Timelimit",
-                 "AllocTRES", "ReqTRES", "NodeList", "Priority", "Comment", "JobName")
+                 "AllocTRES", "ReqTRES", "NodeList", "AdminComment", "Comment", "JobName")
+OOM_MARK = "labq:oom_killed"  # slurm_runner.OOM_MARK (not imported: the CLI stays light)
 _FINAL_WAIT = ("succeeded", "failed", "cancelled", "timeout")
 
 
@@ -372,19 +373,19 @@ def _from_squeue(p: list[str]) -> dict[str, Any]:
 
 
 def _from_sacct(p: list[str]) -> dict[str, Any]:
-    (raw_id, job_id, user, sstate, exit_code, submit, start, end, limit, alloc, req, node, _priority,
+    (raw_id, job_id, user, sstate, exit_code, submit, start, end, limit, alloc, req, node, admin_comment,
      comment, name) = p
+    oom = sstate.startswith("OUT_OF_MEMORY") or OOM_MARK in admin_comment
     array_id, _, array_index = job_id.partition("_")
     state = labq_state(sstate)
     code, _, signal = exit_code.partition(":")
     rec = _base(int(raw_id), array_id if array_index else "", array_index, user, state,
-                "OutOfMemory" if sstate.startswith("OUT_OF_MEMORY") else "", gpu_count(alloc or req),
+                "OOM killed" if oom else "", gpu_count(alloc or req),
                 "" if node in ("None assigned", "") else node, name, comment)
     rec.update({
         "slurm_state": sstate.split()[0], "submit_time": parse_time(submit), "start_time": parse_time(start),
         "end_time": parse_time(end), "time_limit": parse_limit(limit),
-        "exit_code": _exit_code(code, signal),
-        "oom_killed": sstate.startswith("OUT_OF_MEMORY"), "priority": 0,
+        "exit_code": _exit_code(code, signal), "oom_killed": oom, "priority": 0,
     })
     return rec
 
@@ -414,7 +415,7 @@ def _from_scontrol(line: str) -> dict[str, Any]:
         "mounts": meta.get("mounts", []), "cwd": r.get("WorkDir", ""),
         "assigned_gpus": [f"{node}:{i}" for node in expand_hostlist(node) for i in gres_indices(line, node)],
         "exit_code": _exit_code(code, signal) if labq_state(sstate) in _FINAL_WAIT else None,
-        "oom_killed": sstate.startswith("OUT_OF_MEMORY"),
+        "oom_killed": sstate.startswith("OUT_OF_MEMORY") or OOM_MARK in r.get("AdminComment", ""),
     })
     return rec
 

@@ -43,6 +43,7 @@ from .slurm import SlurmError, SlurmJob, show_job
 log = logging.getLogger("labqd")
 
 LABEL_SLURM_JOB = "labkit.slurm-job"
+OOM_MARK = "labq:oom_killed"
 _HOST_KEYS = frozenset({"group_add", "mounts", "security_opt", "cap_drop", "privileged", "network_mode",
                         "nano_cpus", "mem_limit", "device_requests", "devices", "cgroup_parent"})
 
@@ -239,6 +240,8 @@ class SlurmRunner:
         oom = bool(info.oom_killed) if info is not None else False
         if exit_code == 137 and not oom:
             oom = self._oom_in(parent)
+        if oom:
+            self._mark_oom(sj.id)
         result = {"exit_code": exit_code, "oom_killed": oom, "container": cid}
         self._record(sj.id, result)
         try:
@@ -358,6 +361,17 @@ class SlurmRunner:
             if m and int(m.group(1)) > 0:
                 return True
         return False
+
+    def _mark_oom(self, job_id: int) -> None:
+        """Record the OOM kill on the Slurm job (``AdminComment``, which only admins may set), for
+        ``labq show``/``history`` and ``sacct -o AdminComment``: Slurm itself watches the step's own
+        processes for OOM events, and on cgroup v1 does not see those of a container under the step."""
+        from .slurm import run
+
+        try:
+            run(["scontrol", "update", f"JobId={job_id}", f"AdminComment={OOM_MARK}"])
+        except SlurmError as exc:
+            log.warning("Slurm job %d: could not record its OOM kill in Slurm: %s", job_id, exc)
 
     # ---------------------------------------------------------------- results
     def _done(self, job_id: int) -> dict[str, Any] | None:
