@@ -229,9 +229,9 @@ class SlurmClient:
     def op_history(self, user: str | None = None, limit: int = 50) -> dict[str, Any]:
         import time
 
-        tail = ["-S", "now-30days", "-s", "CD,F,CA,TO,OOM,NF,PR,DL,BF"]
+        tail = ["-S", "now-30days"]  # sacct's -s filters by state *during* the window: filtered here
         tail += ["-u", user] if user else []
-        jobs = self._sacct(tail)
+        jobs = [j for j in self._sacct(tail) if j["state"] in _FINAL_WAIT]
         jobs.sort(key=lambda j: (j["end_time"] or 0, j["id"]))
         return {"jobs": jobs[-limit:], "now": time.time()}
 

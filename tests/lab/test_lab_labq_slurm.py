@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from lab_helpers import run_playbook, ssh
+from test_lab_slurm import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -62,15 +63,6 @@ def show(lab, user: str, job_id: int) -> dict:
     out = labq(lab, user, "show", "--json", str(job_id))
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)
-
-
-def wait_for(check: Callable[[], object], timeout: float = 90.0, every: float = 1.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
 
 
 def final(lab, user: str, job_id: int, timeout: float = 120.0) -> dict:
