@@ -7,6 +7,7 @@ import dataclasses
 import fnmatch
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +139,10 @@ class Service:
         self.backend = backend
         self.clock = clock
         self._slurm: SlurmRunner | None = None
+        if cfg.scheduler == "slurm":  # sweeps containers whose Slurm job ended while labqd was down
+            timer = threading.Timer(10.0, self._start_slurm)
+            timer.daemon = True
+            timer.start()
 
     def handle(self, caller: Caller, req: Request) -> Any:
         handler = getattr(self, f"op_{req.op}")
@@ -312,8 +317,18 @@ class Service:
             from .slurm_client import local_node
             from .slurm_runner import SlurmRunner
 
-            self._slurm = SlurmRunner(self.cfg, local_node(self.cfg))
+            self._slurm = SlurmRunner(self.cfg, local_node(self.cfg),
+                                      metrics=getattr(self.backend, "metrics", None))
+            self._slurm.start_sweeper()
         return self._slurm
+
+    def _start_slurm(self) -> None:
+        try:
+            self.slurm()
+        except Exception:
+            import logging
+
+            logging.getLogger("labqd").exception("starting labq's Slurm side failed")
 
     def slurm_run(self, caller: Caller, r: SlurmRun, conn: Any) -> dict[str, Any]:
         """Long-running: answers when the container has ended (api.py hands over the connection)."""

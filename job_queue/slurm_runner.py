@@ -29,16 +29,18 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .identity import Caller
+from .metrics import Metrics
 from .models import Job, JobSpec, JobState
 from .protocol import ErrorCode, ProtocolError, Submit, invalid
 from .runtime import DockerRuntime, container_options, job_environment, working_dir
-from .slurm import SlurmError, SlurmJob, show_job
+from .slurm import SlurmError, SlurmJob, labq_state, parse_time, show_job
 
 log = logging.getLogger("labqd")
 
@@ -128,8 +130,10 @@ class GpuMap:
 class SlurmRunner:
     def __init__(self, cfg: Config, node: str, runtime: DockerRuntime | None = None,
                  lookup: Callable[[int, str], SlurmJob] = show_job, proc_root: str = "/proc",
-                 gpu_map: GpuMap | None = None, cgroup_root: str = "/sys/fs/cgroup") -> None:
+                 gpu_map: GpuMap | None = None, cgroup_root: str = "/sys/fs/cgroup",
+                 metrics: Metrics | None = None) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.cgroup_root = cgroup_root
         self.node = node
         self.runtime = runtime or DockerRuntime(cfg, "slurm")
@@ -222,9 +226,15 @@ class SlurmRunner:
                      name=spec.name or _default_name(spec.command),
                      time_limit=spec.time_limit, cpus=spec.cpus, mem=None, env=dict(spec.env),
                      mounts=list(spec.mounts), host_network=spec.host_network)
+        task, array = sj.raw.get("ArrayTaskId", ""), sj.raw.get("ArrayJobId", "")
+        if task.isdigit() and array.isdigit():  # LABQ_ARRAY_INDEX as on the per-node queue
+            js.array_index, js.array_id = int(task), int(array)
         job = Job(id=sj.id, spec=js, state=JobState.RUNNING, submit_time=0.0,
                   assigned_gpus=[g for g, _ in gpus])
+        job.submit_time = parse_time(sj.raw.get("SubmitTime", "")) or time.time()
         cid, adopted = self._create_or_adopt(job, sj, parent, [d for _, d in gpus])
+        if self.metrics is not None and not adopted:
+            self.metrics.job_started(job, time.time())
         log.info("Slurm job %d (%s): container %s %s under %s with GPUs %s", sj.id, caller.user, cid[:12],
                  "adopted" if adopted else "started", parent, ",".join(job.assigned_gpus) or "none")
         path = log_path(self.cfg, sj.id)
@@ -243,6 +253,7 @@ class SlurmRunner:
         if oom:
             self._mark_oom(sj.id)
         result = {"exit_code": exit_code, "oom_killed": oom, "container": cid}
+        self._count(job, exit_code, oom)
         self._record(sj.id, result)
         try:
             self.runtime.remove(cid)
@@ -270,6 +281,9 @@ class SlurmRunner:
         env = job_environment(job)
         env.update({"SLURM_JOB_ID": str(sj.id), "SLURM_JOB_GPUS": ",".join(map(str, sj.gpu_indices)),
                     "SLURM_JOB_NODELIST": self.node, "SLURM_JOB_USER": sj.user})
+        if job.spec.array_index is not None:
+            env.update({"SLURM_ARRAY_TASK_ID": str(job.spec.array_index),
+                        "SLURM_ARRAY_JOB_ID": str(job.spec.array_id)})
         opts["environment"] = env
         opts["cgroup_parent"] = parent
         opts.pop("mem_limit", None)  # Slurm's limit (the job's cgroup) is the one: its OOM is Slurm's
@@ -361,6 +375,62 @@ class SlurmRunner:
             if m and int(m.group(1)) > 0:
                 return True
         return False
+
+    def _count(self, job: Job, exit_code: int | None, oom: bool) -> None:
+        """labq_jobs_finished for a Slurm job: the outcome Slurm gives it (cancelled, timeout) when it
+        stopped the job, else the container's exit."""
+        if self.metrics is None:
+            return
+        state = JobState.SUCCEEDED if exit_code == 0 else JobState.FAILED
+        if not oom and exit_code != 0:
+            try:
+                slurm_state = labq_state(self.lookup(job.id, self.node).state)
+            except SlurmError:
+                slurm_state = ""
+            if slurm_state in ("cancelled", "timeout"):
+                state = JobState(slurm_state)
+        job.state, job.exit_code, job.oom_killed = state, exit_code, oom
+        self.metrics.job_finished(job)
+
+    # ---------------------------------------------------------------- containers without their job
+    def start_sweeper(self, every: float = 60.0) -> None:
+        def loop() -> None:
+            while True:
+                try:
+                    self.sweep()
+                except Exception:
+                    log.exception("sweep of Slurm jobs' containers failed")
+                time.sleep(every)
+
+        threading.Thread(target=loop, daemon=True, name="slurm-sweep").start()
+
+    def sweep(self) -> list[int]:
+        """Stop and remove the containers of Slurm jobs that no longer run here (labqd was down when their
+        step ended); a running job's container is left for its step to ask again. Their Slurm job ids."""
+        swept = []
+        for c in self.runtime.client.api.containers(all=True, filters={"label": LABEL_SLURM_JOB}):
+            job_id = int((c.get("Labels") or {}).get(LABEL_SLURM_JOB, "0") or 0)
+            with self._lock:
+                if not job_id or job_id in self._active:
+                    continue
+            try:
+                sj = self.lookup(job_id, self.node)
+                alive = sj.state in ("RUNNING", "CONFIGURING", "COMPLETING") and self.node in sj.nodes
+            except SlurmError:
+                alive = False
+            if alive:
+                continue
+            cid = str(c["Id"])
+            log.warning("container %s of Slurm job %d: its job no longer runs here; stopping and removing it",
+                        cid[:12], job_id)
+            self._stop(cid)
+            info = self.runtime.inspect(cid)
+            if self._done(job_id) is None and info is not None:
+                self._record(job_id, {"exit_code": info.exit_code, "oom_killed": info.oom_killed,
+                                      "container": cid})
+            self.runtime.remove(cid)
+            swept.append(job_id)
+        return swept
 
     def _mark_oom(self, job_id: int) -> None:
         """Record the OOM kill on the Slurm job (``AdminComment``, which only admins may set), for

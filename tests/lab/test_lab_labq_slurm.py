@@ -154,6 +154,9 @@ def test_six_jobs_on_three_gpus_run_inside_their_slurm_jobs(lab, slurm_mode, hos
         assert fields["job"] == str(job_id)
         assert fields["labq"] == fields["cvd"] == node_gpus[job["node"]][index], out
         assert fields["devs"] == f"/dev/fakegpu{index}", out
+    metrics = host_exec("gpu01", "python3", "-c", "import urllib.request; print(urllib.request.urlopen("
+                        "'http://127.0.0.1:9848/metrics').read().decode())").stdout
+    assert 'labq_jobs_finished_total{outcome="succeeded",user="alice"}' in metrics, metrics[-1500:]
 
 
 def test_cancel_and_scancel_stop_the_container_within_the_grace_time(lab, slurm_mode, host_exec):
@@ -221,6 +224,25 @@ def test_labqd_killed_while_jobs_run_readopts_and_nothing_runs_twice(lab, slurm_
     assert first is not None
     out = labq(lab, "alice", "logs", str(job_id), node=node).stdout
     assert out.count("start") == 1, out
+
+
+def test_a_container_whose_job_ended_while_labqd_was_down_is_swept(lab, slurm_mode, host_exec):
+    job_id = submit(lab, "alice", "--gpus", "1", "--", "/bin/sleep", "600")
+    assert wait_for(lambda: show(lab, "alice", job_id)["state"] == "running", 60)
+    node = show(lab, "alice", job_id)["node"]
+    assert wait_for(lambda: container_pid(host_exec, node, job_id), 30)
+    assert host_exec(node, "systemctl", "stop", "labqd").returncode == 0
+    try:
+        host_exec(CONTROLLER, "scancel", str(job_id))
+        assert wait_for(lambda: sacct(host_exec, job_id)[:1] == ["CANCELLED by 0"], 60)
+        assert container_pid(host_exec, node, job_id), "the container should outlive the step here"
+    finally:
+        assert host_exec(node, "systemctl", "start", "labqd").returncode == 0
+    gone = wait_for(lambda: host_exec(node, "docker", "inspect", f"labq-slurm-{job_id}-alice").returncode != 0,
+                    GRACE + 40)
+    assert gone, "labqd did not sweep the container of an ended Slurm job"
+    log = host_exec(node, "journalctl", "-u", "labqd", "--since", "-3min", "--no-pager").stdout
+    assert f"of Slurm job {job_id}: its job no longer runs here" in log
 
 
 def test_memory_past_mem_is_oom_in_labq_and_sacct(lab, slurm_mode, host_exec):
