@@ -238,8 +238,8 @@ def test_a_container_whose_job_ended_while_labqd_was_down_is_swept(lab, slurm_mo
         assert container_pid(host_exec, node, job_id), "the container should outlive the step here"
     finally:
         assert host_exec(node, "systemctl", "start", "labqd").returncode == 0
-    gone = wait_for(lambda: host_exec(node, "docker", "inspect", f"labq-slurm-{job_id}-alice").returncode != 0,
-                    GRACE + 40)
+    name = f"labq-slurm-{job_id}-alice"
+    gone = wait_for(lambda: host_exec(node, "docker", "inspect", name).returncode != 0, GRACE + 40)
     assert gone, "labqd did not sweep the container of an ended Slurm job"
     log = host_exec(node, "journalctl", "-u", "labqd", "--since", "-3min", "--no-pager").stdout
     assert f"of Slurm job {job_id}: its job no longer runs here" in log
