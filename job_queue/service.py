@@ -54,8 +54,9 @@ class Backend(Protocol):
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.+-]")
 
 
-def log_path(cfg: Config, job_id: int) -> str:
-    return str(Path(cfg.log_dir) / f"{job_id}.log")
+def log_path(cfg: Config, job_id: int, slurm: bool = False) -> str:
+    """A job's output file; a Slurm job's is ``slurm-ID.log`` (its ids are Slurm's, not this queue's)."""
+    return str(Path(cfg.log_dir) / f"{'slurm-' if slurm else ''}{job_id}.log")
 
 
 def _default_name(command: list[str]) -> str:
@@ -253,8 +254,9 @@ class Service:
             self.backend.wait_log(job.id, 10.0)
         return self._read_log(job.id, offset, max_bytes, job.state.value)
 
-    def _read_log(self, job_id: int, offset: int, max_bytes: int, state: str) -> dict[str, Any]:
-        path = log_path(self.cfg, job_id)
+    def _read_log(self, job_id: int, offset: int, max_bytes: int, state: str,
+                  slurm: bool = False) -> dict[str, Any]:
+        path = log_path(self.cfg, job_id, slurm)
         data = b""
         size = 0
         try:
@@ -354,4 +356,4 @@ class Service:
         if not caller.is_admin and owner != caller.user:
             raise ProtocolError(ErrorCode.PERMISSION, f"id: job {r.id} belongs to {owner}; only its owner "
                                 "or an admin may read the output of it")
-        return self._read_log(r.id, r.offset, r.max_bytes, state)
+        return self._read_log(r.id, r.offset, r.max_bytes, state, slurm=True)

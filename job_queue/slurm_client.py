@@ -251,7 +251,7 @@ class SlurmClient:
             job = found[0]
             job.update(_full_defaults(job))
         job["now"] = time.time()
-        job["log"] = f"{job.get('node') or '?'}:{self.cfg.log_dir}/{job['id']}.log"
+        job["log"] = f"{job.get('node') or '?'}:{self.cfg.log_dir}/slurm-{job['id']}.log"
         return job
 
     def op_gpus(self) -> dict[str, Any]:

@@ -237,7 +237,7 @@ class SlurmRunner:
             self.metrics.job_started(job, time.time())
         log.info("Slurm job %d (%s): container %s %s under %s with GPUs %s", sj.id, caller.user, cid[:12],
                  "adopted" if adopted else "started", parent, ",".join(job.assigned_gpus) or "none")
-        path = log_path(self.cfg, sj.id)
+        path = log_path(self.cfg, sj.id, slurm=True)
         writer = threading.Thread(target=self._write_logs, args=(cid, path, caller.uid, caller.gid),
                                   daemon=True, name=f"slurm-log-{sj.id}")
         writer.start()
