@@ -82,17 +82,22 @@ class Preparer:
                 job = dataclasses.replace(jobs[job_id], assigned_gpus=list(gpus))
                 self._entries[job_id] = Prepared(gpus, self._run(functools.partial(self._create, job)))
 
-    def take(self, job_id: int, gpus: Sequence[str]) -> Future[str | None] | None:
-        """Main loop, as the job starts on ``gpus``: its prepared container if it was made for these
-        GPUs (a future; the start worker waits for it), else None (one made for others is removed)."""
+    def take(self, job_id: int) -> Prepared | None:
+        """Main loop, as the job starts: what was prepared for it (``claim`` it in the start worker)."""
         entry = self._entries.pop(job_id, None)
-        if entry is None:
+        if entry is None or entry.container.cancel():  # never began: the start creates it
             return None
-        if entry.gpus == tuple(gpus):
-            if entry.container.cancel():  # never began: creating it in the start is as quick
-                return None
-            return entry.container
-        self._discard(entry)
+        return entry
+
+    def claim(self, entry: Prepared, gpus: Sequence[str]) -> str | None:
+        """Start worker: the prepared container to start if it was made for ``gpus``; else None, after
+        removing the one made for other GPUs (so the start creates the job's container anew)."""
+        cid = entry.container.result()
+        if cid is None or entry.gpus == tuple(gpus):
+            return cid
+        log.debug("container %s was prepared for GPUs %s, not %s; removing it", cid[:12],
+                  ",".join(entry.gpus) or "-", ",".join(gpus) or "-")
+        self.runtime.discard(cid)
         return None
 
     def known(self) -> set[str]:

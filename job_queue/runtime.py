@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -292,15 +293,16 @@ class DockerRuntime:
         A created-but-never-started container of the job made with other settings (prepared for
         other GPUs) is removed and the container created again.
         """
-        for _ in range(3):
+        for attempt in range(20):
             cid = self._create(job, name)
             if cid is not None:
                 return cid, False
             existing = self.inspect(name)
-            if existing is None:
-                continue  # removed meanwhile: create again
-            if existing.job_id != job.id or existing.instance != self.instance:
+            if existing is not None and (existing.job_id != job.id or existing.instance != self.instance):
                 return None, False
+            if existing is None or existing.status == "removing":
+                time.sleep(0.02 * (attempt + 1))  # a prepared container being removed: its name frees
+                continue
             if existing.status != "created":
                 return existing.id, True
             if self.matches(job, existing):
@@ -308,7 +310,7 @@ class DockerRuntime:
             log.info("job %d: container %s was prepared with other settings; making it again",
                      job.id, existing.id[:12])
             self.discard(existing.id)
-        raise RuntimeError_(f"container name {name} keeps being taken")
+        raise RuntimeError_(f"container name {name} stays taken by a container being removed")
 
     def _create(self, job: Job, name: str) -> str | None:
         """Create the job's container ``name``; None: the name is taken."""
@@ -364,7 +366,8 @@ class DockerRuntime:
         except docker.errors.APIError as exc:
             if exc.status_code != 409:
                 raise
-            log.warning("container %s is not just created; not removing it", cid[:12])
+            log.warning("container %s is not just created (started, or being removed); not removing it",
+                        cid[:12])
 
     def start_created(self, cid: str) -> None:
         self.client.api.start(cid)

@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from .config import Config
 from .exits import start_failure
@@ -18,7 +18,7 @@ from .messages import Message, Reconcile, Started
 from .metrics import Metrics
 from .models import Job, JobState
 from .notify import Notifier
-from .prepare import Preparer
+from .prepare import Prepared, Preparer
 from .reaper import Reaper
 from .runtime import Runtime, RuntimeError_
 from .store import Store
@@ -52,7 +52,7 @@ class StartStop:
         job = self.store.get(job_id)
         assert job is not None
         self.metrics.job_started(job, self.clock())
-        prepared = self.preparer.take(job_id, gpus)
+        prepared = self.preparer.take(job_id)
         if self._starters is None:
             self._on_started(*self._create(job, prepared))
         else:  # create/start in parallel; the main loop records the result ("started")
@@ -64,12 +64,12 @@ class StartStop:
             self._starters.submit(run)
 
     def _create(self, job: Job,
-                prepared: Future[str | None] | None = None) -> tuple[int, str | None, str | None]:
+                prepared: Prepared | None = None) -> tuple[int, str | None, str | None]:
         """Create and start the container, or start the one prepared for it with these GPUs:
         (job id, container id, error). Runs in a worker."""
         try:
             t0 = time.monotonic()
-            cid = prepared.result() if prepared is not None else None
+            cid = self.preparer.claim(prepared, job.assigned_gpus) if prepared is not None else None
             if cid is not None:
                 cid = self.runtime.start_prepared(job, cid)
                 log.debug("job %d: prepared container started in %.3f s", job.id, time.monotonic() - t0)
