@@ -38,7 +38,21 @@ class CliError(Exception):
         self.code = code
 
 
-def _parser() -> argparse.ArgumentParser:
+def _default_image(explicit_config: str | None) -> str:
+    """The node's ``default_image`` for ``submit --help`` (read only when help is asked for)."""
+    import os
+    import tomllib
+
+    path = explicit_config or os.environ.get("LABQ_CONFIG") or "/etc/labq/config.toml"
+    try:
+        with open(path, "rb") as fh:  # noqa: PTH123 - keep imports minimal for CLI start-up
+            value = tomllib.load(fh).get("default_image")
+    except (OSError, ValueError):
+        return "the node's default_image"
+    return value if isinstance(value, str) else "the node's default_image"
+
+
+def _parser(default_image: str = "the node's default_image") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labq", description="Submit and manage GPU jobs on this node.")
     p.add_argument("--socket", help="daemon socket (default: $LABQ_SOCKET, the config's socket, "
                                     "/run/labq/labq.sock)")
@@ -49,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="queue a container run and print its job id",
                        usage="labq submit --gpus N [options] -- CMD [ARGS...]")
     s.add_argument("--gpus", type=int, required=True, help="number of GPUs (0 for CPU-only)")
-    s.add_argument("--image", help="container image (default: the node's default_image)")
+    s.add_argument("--image", help=f"container image (default: {default_image})")
     s.add_argument("--name", help="job name (default: the program name)")
     s.add_argument("--time", help="time limit, e.g. 30m, 4h, 1h30m, 2d (needed to be backfilled)")
     s.add_argument("--cpus", type=float, help="CPUs to reserve")
@@ -96,7 +110,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(raw)
+    if "-h" in raw or "--help" in raw:
+        config = next((raw[i + 1] for i, a in enumerate(raw[:-1]) if a == "--config"), None)
+        args = _parser(_default_image(config)).parse_args(raw)
+    else:
+        args = _parser().parse_args(raw)
     if args.host:
         from .remote import run_on, strip_host
 

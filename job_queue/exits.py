@@ -7,6 +7,7 @@ result, so every rule is unit-tested like the scheduler.
 from __future__ import annotations
 
 import errno
+import re
 
 from .models import JobState, StopReason
 
@@ -71,7 +72,31 @@ def docker_unreachable(exc: BaseException) -> bool:
 def start_failure(exc: BaseException, attempts: int) -> str | None:
     """After a start that raised ``exc`` on try ``attempts`` (1-based): the reason to fail the job
     with, or None to try again later."""
+    text = str(getattr(exc, "explanation", None) or exc) or type(exc).__name__
+    explained = explain_start_error(text)
+    if explained is not None:  # the image cannot run the command: retrying cannot help
+        return explained
     if docker_unreachable(exc) or attempts < MAX_START_ATTEMPTS:
         return None
-    text = str(exc) or type(exc).__name__
     return f"docker: {text[:300]} (after {attempts} tries)"
+
+
+_NOT_ON_PATH = re.compile(r'exec: "([^"]+)": executable file not found in \$PATH')
+_NO_FILE = re.compile(r'exec: "([^"]+)": stat [^:]+: no such file or directory')
+_NO_ACCESS = re.compile(r'exec: "([^"]+)": (?:stat [^:]+: )?permission denied')
+
+
+def explain_start_error(text: str) -> str | None:
+    """Docker's "cannot exec the command" errors in words a student can act on (None: another error)."""
+    m = _NOT_ON_PATH.search(text)
+    if m:
+        return (f"the image has no '{m.group(1)}' on its PATH (it may set no PATH at all): give the "
+                f"program's full path (e.g. /bin/sh) or use an image that has it")
+    m = _NO_FILE.search(text)
+    if m:
+        return f"the image has no file {m.group(1)}: check the command's path, or use an image that has it"
+    m = _NO_ACCESS.search(text)
+    if m:
+        return (f"your user cannot run {m.group(1)} in the image (a directory such as / or /usr readable "
+                f"by root only, e.g. mode 0700): rebuild the image with world-readable files")
+    return None

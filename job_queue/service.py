@@ -236,7 +236,9 @@ class Service:
         return {"now": self.clock(), "jobs": listing(self.store.unfinished_jobs(), r.user, r.array_tasks)}
 
     def op_history(self, caller: Caller, r: History) -> dict[str, Any]:
-        return {"now": self.clock(), "jobs": [summary(j) for j in self.store.history(r.user, r.limit)]}
+        """The caller's own finished jobs (admins: everyone's); ``--user`` names whose."""
+        user = r.user if r.user is not None or caller.is_admin else caller.user
+        return {"now": self.clock(), "jobs": [summary(j) for j in self.store.history(user, r.limit)]}
 
     def op_show(self, caller: Caller, r: Show) -> dict[str, Any]:
         job = self._job(r.id)

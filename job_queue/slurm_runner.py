@@ -207,7 +207,10 @@ class SlurmRunner:
         except ProtocolError:
             raise
         except Exception as exc:  # Docker refused (bad command, image without a shell): say it plainly
-            why = str(getattr(exc, "explanation", None) or exc)[:400]
+            from .exits import explain_start_error
+
+            text = str(getattr(exc, "explanation", None) or exc)
+            why = explain_start_error(text) or text[:400]
             log.warning("Slurm job %d: its container did not start: %s", job_id, why)
             raise ProtocolError(ErrorCode.INVALID, f"container: {why}") from exc
         finally:

@@ -10,6 +10,7 @@ from labq_helpers import FakeBackend
 
 from job_queue.config import parse_config
 from job_queue.identity import Caller
+from job_queue.models import JobState
 from job_queue.protocol import ErrorCode, ProtocolError, validate_request
 from job_queue.service import Service
 from job_queue.store import SqliteStore
@@ -72,3 +73,19 @@ def test_array_submission_creates_one_job_per_index(service: Service) -> None:
     assert res["array_id"] == res["ids"][0]
     assert [(j.spec.array_index, j.spec.array_cap, j.spec.array_id) for j in jobs if j] == [
         (i, 2, res["ids"][0]) for i in range(3, 7)]
+
+
+def test_history_is_your_own_unless_you_ask_or_are_an_admin(service: Service) -> None:
+    alice, bob = caller(), caller("bob", 1001, "/home/bob")
+    for who in (alice, bob):
+        (job_id,) = submit(service, who)["ids"]
+        assert service.store.mark_starting(job_id, ["g0"], 51.0)
+        assert service.store.transition(job_id, [JobState.STARTING], state=JobState.SUCCEEDED, end_time=52.0)
+
+    def users(who: Caller, **fields: Any) -> list[str]:
+        req = validate_request({"v": 1, "op": "history", **fields})
+        return [j["user"] for j in service.handle(who, req)["jobs"]]
+
+    assert users(alice) == ["alice"]
+    assert users(alice, user="bob") == ["bob"]
+    assert sorted(users(caller("root", 0, "/root", admin=True))) == ["alice", "bob"]

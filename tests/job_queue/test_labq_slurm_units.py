@@ -161,3 +161,17 @@ def test_a_finished_slurm_job_is_answered_from_its_record_not_run_again(tmp_path
     runner._record(42, {"exit_code": 3, "oom_killed": False, "container": "abc"})
     assert runner.run(ALICE, 42, _submit(), conn=None) == {  # type: ignore[arg-type]
         "exit_code": 3, "oom_killed": False, "container": "abc"}
+
+
+def test_an_image_that_cannot_run_the_command_is_explained_at_once():
+    from job_queue.exits import explain_start_error, start_failure
+
+    not_on_path = ('failed to create shim task: OCI runtime create failed: runc create failed: unable to '
+                   'start container process: exec: "sh": executable file not found in $PATH: unknown')
+    assert "has no 'sh' on its PATH" in (start_failure(RuntimeError(not_on_path), 1) or "")
+    missing = 'exec: "/bin/sh": stat /bin/sh: no such file or directory: unknown'
+    assert "has no file /bin/sh" in (explain_start_error(missing) or "")
+    denied = 'exec: "/usr/bin/python3": permission denied: unknown'
+    assert "readable by root only" in (explain_start_error(denied) or "")
+    assert explain_start_error("500 Server Error: devices.allow: operation not permitted") is None
+    assert start_failure(RuntimeError("500 Server Error: something else"), 1) is None  # retried
