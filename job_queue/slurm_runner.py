@@ -410,7 +410,8 @@ class SlurmRunner:
     def sweep(self) -> list[int]:
         """Stop and remove the containers of Slurm jobs that no longer run here (labqd was down when their
         step ended); a running job's container is left for its step to ask again. Their Slurm job ids."""
-        swept = []
+        swept: list[int] = []
+        workers: list[threading.Thread] = []
         for c in self.runtime.client.api.containers(all=True, filters={"label": LABEL_SLURM_JOB}):
             job_id = int((c.get("Labels") or {}).get(LABEL_SLURM_JOB, "0") or 0)
             with self._lock:
@@ -418,7 +419,8 @@ class SlurmRunner:
                     continue
             try:
                 sj = self.lookup(job_id, self.node)
-                alive = sj.state in ("RUNNING", "CONFIGURING", "COMPLETING") and self.node in sj.nodes
+                # COMPLETING: the job is ending (scancel, time limit): its container must go too.
+                alive = sj.state in ("RUNNING", "CONFIGURING") and self.node in sj.nodes
             except SlurmError:
                 alive = False
             if alive:
@@ -426,14 +428,24 @@ class SlurmRunner:
             cid = str(c["Id"])
             log.warning("container %s of Slurm job %d: its job no longer runs here; stopping and removing it",
                         cid[:12], job_id)
-            self._stop(cid)
-            info = self.runtime.inspect(cid)
-            if self._done(job_id) is None and info is not None:
-                self._record(job_id, {"exit_code": info.exit_code, "oom_killed": info.oom_killed,
-                                      "container": cid})
-            self.runtime.remove(cid)
+            worker = threading.Thread(target=self._retire, args=(job_id, cid), daemon=True)
+            worker.start()  # each its own grace time, side by side
+            workers.append(worker)
             swept.append(job_id)
+        for worker in workers:
+            worker.join()
         return swept
+
+    def _retire(self, job_id: int, cid: str) -> None:
+        self._stop(cid)
+        info = self.runtime.inspect(cid)
+        if self._done(job_id) is None and info is not None:
+            self._record(job_id, {"exit_code": info.exit_code, "oom_killed": info.oom_killed,
+                                  "container": cid})
+        try:
+            self.runtime.remove(cid)
+        except Exception:
+            log.exception("container %s: removing it failed", cid[:12])
 
     def _mark_oom(self, job_id: int) -> None:
         """Record the OOM kill on the Slurm job (``AdminComment``, which only admins may set), for
