@@ -4,7 +4,9 @@ Prints, measured in one run:
   1. 200 jobs of `true` on 4 fake GPUs through labq vs the same 200 `docker run --rm`, four at a
      time from a shell: wall-time ratio (goal <= 1.05).
   2. gap from a job's exit to the next job's start on the freed GPU: p50 and p99 (goal p99 <= 0.5 s);
-     the same from Docker's own event timestamps (die -> start), next to a `docker run` loop's.
+     the same from Docker's own event timestamps (die -> start), next to a `docker run` loop's
+     (goal: labq's p99 below the loop's), and how many labq starts used a container made before
+     the exit that freed the GPU (prepared ahead, job_queue/prepare.py).
   3. `labq ls` wall time with 10,000 jobs in history (goal <= 150 ms); daemon RSS with 10,000 queued.
   4. scale: with 100,000 finished and 100,000 pending jobs (ten 10,000-task arrays behind four running
      jobs): `labq ls`, `ls --json`, `show`, `history` wall time, one scheduling pass (labqd's own
@@ -13,7 +15,8 @@ Prints, measured in one run:
      processes (goals >= 300/s and >= 1000/s); then kill -9 right after submits returned, restart,
      and check every returned id is still there.
 
-`bench_labq.py scale` or `bench_labq.py submits` runs only that part.
+`bench_labq.py dispatch` (items 1 and 2), `bench_labq.py scale` or `bench_labq.py submits` runs only
+that part.
 """
 
 from __future__ import annotations
@@ -151,13 +154,14 @@ def bench_labq(d: Daemon, cwd: str, n: int) -> tuple[float, float, list[dict[str
 
 
 class DockerEvents:
-    """Docker's start and die events, recorded live by `docker events` (dockerd replays only its last
+    """Docker's create, start and die events, recorded live by `docker events` (dockerd replays only its last
     few hundred events for --since, fewer than one run makes); Docker's own timestamps (timeNano)."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
             ["docker", "events", "--format", "{{json .}}", "--filter", "type=container",
-             "--filter", "event=start", "--filter", "event=die"], stdout=subprocess.PIPE, text=True)
+             "--filter", "event=create", "--filter", "event=start", "--filter", "event=die"],
+            stdout=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         import threading
 
@@ -202,6 +206,24 @@ def die_to_next_start(events: list[tuple[float, str, str]],
                 out.append(t2 - t)
                 break
     return out
+
+
+def made_before_the_exit(events: list[tuple[float, str, str]], slot_of: dict[str, str]) -> tuple[int, int]:
+    """(starts whose container was created before the previous container on the same slot died,
+    starts after such a death): the next containers that were prepared while the GPU was busy."""
+    created = {cid: t for t, action, cid in events if action == "create"}
+    last_die: dict[str, float] = {}
+    ahead = after_exit = 0
+    for t, action, cid in events:
+        slot = slot_of.get(cid)
+        if slot is None:
+            continue
+        if action == "die":
+            last_die[slot] = t
+        elif action == "start" and slot in last_die:
+            after_exit += 1
+            ahead += created.get(cid, t) < last_die[slot]
+    return ahead, after_exit
 
 
 def bench_docker(n: int) -> float:
@@ -394,6 +416,12 @@ def main() -> int:
         return 2
     ensure_image()
     only = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if only in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if only not in ("all", "dispatch", "scale", "submits"):
+        print(f"usage: bench_labq.py [dispatch|scale|submits] (not {only!r})", file=sys.stderr)
+        return 2
     if only in ("scale", "submits"):
         (bench_scale if only == "scale" else bench_submits)()
         return 0
@@ -426,17 +454,26 @@ def main() -> int:
         loop_events = events.of(*LOOP_LABEL.split("=", 1))
         ev_gpu: list[float] = []
         ev_any: list[float] = []
+        ahead = after_exit = 0
         for run in (jobs1, jobs2):  # each half on its own (the docker loop ran in between)
             ids = {j["container_id"] for j in run}
-            ev_gpu += die_to_next_start(labq_events, {j["container_id"]: j["assigned_gpus"][0] for j in run})
+            slots = {j["container_id"]: j["assigned_gpus"][0] for j in run}
+            ev_gpu += die_to_next_start(labq_events, slots)
             ev_any += die_to_next_start([e for e in labq_events if e[2] in ids])
+            a, n = made_before_the_exit(labq_events, slots)
+            ahead, after_exit = ahead + a, after_exit + n
         ev_loop = die_to_next_start(loop_events)
         print(f"   from Docker's event timestamps (die -> start): labq on the freed GPU p50 "
               f"{pct(ev_gpu, 0.5) * 1000:.0f} ms, p99 {pct(ev_gpu, 0.99) * 1000:.0f} ms ({len(ev_gpu)}); "
               f"labq any next start p50 {pct(ev_any, 0.5) * 1000:.0f} ms, "
               f"p99 {pct(ev_any, 0.99) * 1000:.0f} ms; docker run loop "
               f"p50 {pct(ev_loop, 0.5) * 1000:.0f} ms, p99 {pct(ev_loop, 0.99) * 1000:.0f} ms "
-              f"({len(ev_loop)})")
+              f"({len(ev_loop)}); labq p99 / loop p99 {pct(ev_gpu, 0.99) / pct(ev_loop, 0.99):.2f} "
+              f"(goal < 1)")
+        print(f"   labq starts on a freed GPU whose container was made before that exit (prepared "
+              f"ahead): {ahead} of {after_exit}")
+        if only == "dispatch":
+            return 0
 
         d.stop()
         fill_history(str(root / "state" / "labq.db"), N_HISTORY)

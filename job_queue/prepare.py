@@ -20,8 +20,9 @@ started container is left), and after a labqd restart reconcile removes every cr
 a job that is not recorded as starting (reconcile.py), and starts the one of a starting job only if
 it was made for the GPUs recorded with the start.
 
-Creates and removals run one at a time in one worker thread (in order, so a removal follows its
-create); the main loop owns the bookkeeping.
+Creates run one at a time in one worker thread, removals in another (a removal waits for its
+create); a start of a job whose prepared container is being removed waits for that removal, so a
+start never meets its own container half removed. The main loop owns the bookkeeping.
 """
 
 from __future__ import annotations
@@ -45,29 +46,25 @@ class Prepared:
     """The prepared container's id once made (None: not made, e.g. the name was taken)."""
 
 
-def _done(value: str | None) -> Future[str | None]:
-    f: Future[str | None] = Future()
-    f.set_result(value)
-    return f
-
-
 class Preparer:
-    def __init__(self, runtime: Runtime, wait_for_starts: Callable[[], None] | None = None,
-                 background: bool = True) -> None:
+    def __init__(self, runtime: Runtime, background: bool = True) -> None:
         self.runtime = runtime
-        self._wait_for_starts = wait_for_starts
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="labq-prepare") if background else None
+        self._creator = ThreadPoolExecutor(1, thread_name_prefix="labq-prepare") if background else None
+        # Removals apart from creates, so a start that waits for one does not wait behind creates.
+        self._remover = ThreadPoolExecutor(1, thread_name_prefix="labq-unprepare") if background else None
         self._entries: dict[int, Prepared] = {}
+        self._removing: dict[int, Future[str | None]] = {}
 
-    def _run(self, fn: Callable[[], str | None]) -> Future[str | None]:
-        if self._pool is None:
-            try:
-                return _done(fn())
-            except Exception as exc:
-                f: Future[str | None] = Future()
-                f.set_exception(exc)
-                return f
-        return self._pool.submit(fn)
+    @staticmethod
+    def _run(pool: ThreadPoolExecutor | None, fn: Callable[[], str | None]) -> Future[str | None]:
+        if pool is not None:
+            return pool.submit(fn)
+        f: Future[str | None] = Future()
+        try:
+            f.set_result(fn())
+        except Exception as exc:
+            f.set_exception(exc)
+        return f
 
     def plan(self, wanted: Sequence[tuple[int, Sequence[str]]], jobs: Mapping[int, Job]) -> None:
         """Main loop, after a pass: keep the containers of the forecast jobs (made for the forecast
@@ -76,16 +73,22 @@ class Preparer:
         for job_id, entry in list(self._entries.items()):
             if want.get(job_id) != entry.gpus:
                 del self._entries[job_id]
-                self._discard(entry)
+                self._discard(job_id, entry)
+        self._removing = {job_id: f for job_id, f in self._removing.items() if not f.done()}
         for job_id, gpus in want.items():
-            if job_id not in self._entries:
+            if job_id not in self._entries and job_id not in self._removing:  # made after its removal
                 job = dataclasses.replace(jobs[job_id], assigned_gpus=list(gpus))
-                self._entries[job_id] = Prepared(gpus, self._run(functools.partial(self._create, job)))
+                self._entries[job_id] = Prepared(gpus, self._run(self._creator,
+                                                                 functools.partial(self._create, job)))
 
     def take(self, job_id: int) -> Prepared | None:
-        """Main loop, as the job starts: what was prepared for it (``claim`` it in the start worker)."""
+        """Main loop, as the job starts: what was prepared for it (``claim`` it in the start worker);
+        while a container prepared for it is being removed, that removal (the start waits for it)."""
         entry = self._entries.pop(job_id, None)
-        if entry is None or entry.container.cancel():  # never began: the start creates it
+        if entry is None:
+            removing = self._removing.pop(job_id, None)
+            return Prepared((), removing) if removing is not None and not removing.done() else None
+        if entry.container.cancel():  # never began: the start creates it
             return None
         return entry
 
@@ -108,16 +111,16 @@ class Preparer:
     def forget(self) -> None:
         """Drop the bookkeeping (labqd stopping: the next labqd removes what was prepared)."""
         self._entries.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._creator, self._remover):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def settle(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._creator, self._remover):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def _create(self, job: Job) -> str | None:
-        if self._wait_for_starts is not None:
-            self._wait_for_starts()  # starts go first: they are on someone's critical path
         try:
             cid = self.runtime.prepare(job)
         except Exception as exc:  # the start makes it then, and reports any error
@@ -128,12 +131,12 @@ class Preparer:
                       ",".join(job.assigned_gpus) or "-")
         return cid
 
-    def _discard(self, entry: Prepared) -> None:
+    def _discard(self, job_id: int, entry: Prepared) -> None:
         if entry.container.cancel():
             return  # never made
 
         def run() -> None:
-            cid = entry.container.result()  # made before: the worker runs in order
+            cid = entry.container.result()  # waits for its create
             if cid is not None:
                 try:
                     self.runtime.discard(cid)
@@ -141,6 +144,5 @@ class Preparer:
                     log.warning("could not remove prepared container %s: %s", cid[:12], exc)
                 else:
                     log.debug("prepared container %s removed", cid[:12])
-            return
 
-        self._run(run)
+        self._removing[job_id] = self._run(self._remover, run)

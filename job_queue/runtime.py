@@ -143,6 +143,14 @@ def config_digest(opts: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _being_removed(exc: Exception) -> bool:
+    """A Docker error saying the container is gone or on its way out (a prepared one removed)."""
+    import docker.errors
+
+    return isinstance(exc, docker.errors.NotFound) or (
+        isinstance(exc, docker.errors.APIError) and "marked for removal" in str(exc.explanation or exc))
+
+
 def parse_docker_time(text: str | None) -> float | None:
     if not text or text.startswith("0001-"):
         return None
@@ -275,10 +283,10 @@ class DockerRuntime:
                     break  # not ours, or already started once: adopt, never start again
                 try:
                     self.client.api.start(cid)
-                except docker.errors.NotFound:
-                    continue  # a prepared container removed meanwhile: make it again
                 except docker.errors.APIError as exc:
-                    raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
+                    if not _being_removed(exc):
+                        raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
+                    continue  # a prepared container removed meanwhile: make it again
                 return cid
             else:
                 raise RuntimeError_(f"container {name} keeps disappearing before its start")
@@ -349,10 +357,10 @@ class DockerRuntime:
 
         try:
             self.client.api.start(cid)
-        except docker.errors.NotFound:
-            return self.create_and_start(job)
         except docker.errors.APIError as exc:
-            raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
+            if not _being_removed(exc):
+                raise RuntimeError_(f"docker start failed: {exc.explanation or exc}") from exc
+            return self.create_and_start(job)
         return cid
 
     def discard(self, cid: str) -> None:

@@ -191,9 +191,11 @@ def schedule(
 
 def _expected_end(job: Job, now: float) -> tuple[int, float, float, int]:
     """Order in which running jobs are expected to end: being stopped, then by time-limit end,
-    then the longest running (similar jobs end in the order they started)."""
+    then the longest running (similar jobs end in the order they started; by the time labqd
+    decided the start, which stays put when Docker's start time is recorded)."""
+    started = job.dispatch_time if job.dispatch_time is not None else job.start_time
     return (0 if job.stop_reason is not None else 1, job_end(job),
-            job.start_time if job.start_time is not None else now, job.id)
+            started if started is not None else now, job.id)
 
 
 def _predict(waiting: list[Job], free: _Free, running: list[Job], user_gpus: Counter[str],

@@ -459,3 +459,36 @@ def test_restart_between_recorded_start_and_docker_start_of_a_prepared_container
         assert rt.calls.count(("create", str(ids[2]))) == 1
     assert_started_with_their_gpus(store, rt)
     d2.settle()
+
+
+def test_a_start_waits_for_the_removal_of_its_jobs_prepared_container() -> None:
+    from job_queue.prepare import Preparer
+
+    rt = FakeRuntime()
+    gate, removing = threading.Event(), threading.Event()
+    real_discard = rt.discard
+
+    def slow_discard(cid: str) -> None:
+        removing.set()
+        gate.wait(10)
+        real_discard(cid)
+
+    rt.discard = slow_discard  # type: ignore[method-assign]
+    p = Preparer(rt)
+    job = Job(id=7, spec=spec(), state=JobState.PENDING, submit_time=1.0)
+    p.plan([(7, ["g0"])], {7: job})
+    made = rt.of_job(7) if p._entries[7].container.result(10) else None
+    assert made is not None and made.config == "g0"
+    p.plan([], {})  # no longer forecast: removal under way
+    assert removing.wait(10)
+    entry = p.take(7)  # and then the scheduler starts it after all
+    assert entry is not None
+    claimed: list[str | None] = []
+    worker = threading.Thread(target=lambda: claimed.append(p.claim(entry, ["g0"])))
+    worker.start()
+    worker.join(0.2)
+    assert worker.is_alive() and made.id in rt.containers  # waits: the container is half removed
+    gate.set()
+    worker.join(10)
+    assert claimed == [None] and made.id not in rt.containers  # gone: the start creates it anew
+    p.settle()
