@@ -68,9 +68,16 @@ class LabHost:
     # and a real directory for /var/lib/docker (overlay on overlay fails; the engine uses vfs).
     runs_docker: bool = False
 
+    @property
+    def shares_scratch(self) -> bool:
+        """GPU nodes see one scratch directory (/srv/scratch), as the lab's NFS scratch export would give
+        them: kernel NFS is not available in these containers, a bind mount of one directory is."""
+        return "gpu_nodes" in self.groups
+
     def spec(self, image: str) -> str:
         """A digest of everything the container is created from; a change means: recreate it."""
-        parts = [image, self.address, self.groups, self.runs_docker, SYSTEMD_RUN_FLAGS]
+        parts = [image, self.address, self.groups, self.runs_docker, SYSTEMD_RUN_FLAGS,
+                 str(SHARED_SCRATCH) if self.shares_scratch else ""]
         text = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -195,6 +202,7 @@ def build_image(force: bool = False) -> str:
 # --------------------------------------------------------------------------- service images
 IMAGES_DIR = HERE / "images"
 ARCHIVE_DIR = REPO / ".lab" / "images"
+SHARED_SCRATCH = REPO / ".lab" / "scratch"  # the GPU nodes' /srv/scratch (LabHost.shares_scratch)
 
 
 def service_images() -> list[dict[str, str]]:
@@ -351,6 +359,10 @@ def start_host(client: Any, host: LabHost, image: str) -> Any:
     if host.runs_docker:
         flags["cap_add"] = [*flags["cap_add"], "NET_ADMIN"]
         volumes[docker_volume] = {"bind": "/var/lib/docker", "mode": "rw"}
+    if host.shares_scratch:
+        SHARED_SCRATCH.mkdir(parents=True, exist_ok=True)
+        SHARED_SCRATCH.chmod(0o1777)
+        volumes[str(SHARED_SCRATCH)] = {"bind": "/srv/scratch", "mode": "rw"}
     container = client.containers.create(
         image,
         name=name,
@@ -536,6 +548,7 @@ def down() -> None:
         log("apt proxy stopped (its cache is kept)")
     inventory = REPO / "inventory" / "lab" / "hosts.yml"
     inventory.unlink(missing_ok=True)
+    shutil.rmtree(SHARED_SCRATCH, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from lab_helpers import run_playbook, ssh
@@ -24,6 +29,9 @@ NODES = {"gpu01": 2, "gpu02": 1}
 IMAGE = "labkit-slurmjob:1"
 GRACE = 30  # job_queue_kill_grace (role default)
 FINAL = {"succeeded", "failed", "cancelled", "timeout"}
+REPO = Path(__file__).resolve().parents[2]
+SCRATCH = REPO / ".lab" / "scratch"  # the GPU nodes' shared /srv/scratch (labctl), /scratch in jobs
+OPTUNA_IMAGE = "labkit-optuna:1"  # the lab's node image (Debian's python3), as a job image
 
 # A small image: dash and the few programs the jobs below use (no package manager, no network).
 IMPORT_IMAGE = f"""set -e
@@ -284,3 +292,65 @@ def test_bad_input_queues_nothing_and_unreachable_controller_is_exit_6(lab, slur
     host_exec("gpu01", "bash", "-c", f"printf '{conf}' > /tmp/unreachable.conf")
     out = ssh(lab["gpu01"]["address"], "bob", "SLURM_CONF=/tmp/unreachable.conf labq ls")
     assert out.returncode == 6 and "cannot reach the Slurm controller" in out.stderr, out.stderr
+
+
+@pytest.fixture(scope="module")
+def optuna_job(slurm_mode, host_exec) -> str:
+    """Optuna (the venv's version) in the shared scratch, and python3 as a job image on both nodes."""
+    optuna = pytest.importorskip("optuna")
+    tree = SCRATCH / f"optuna-{optuna.__version__}"
+    if not (tree / "optuna").is_dir():
+        tmp = tree.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(tmp)]
+        subprocess.run([*pip, f"optuna=={optuna.__version__}"], check=True, capture_output=True, timeout=600)
+        tmp.rename(tree)
+    subprocess.run(["chmod", "-R", "a+rX", str(tree)], check=True)
+    for node in NODES:
+        if host_exec(node, "docker", "image", "inspect", OPTUNA_IMAGE).returncode == 0:
+            continue
+        save = subprocess.Popen(["docker", "save", "labkit/node:debian12"], stdout=subprocess.PIPE)
+        load = subprocess.run(["docker", "exec", "-i", f"labkit-{node}", "docker", "load"], stdin=save.stdout,
+                              capture_output=True, timeout=600)
+        save.wait(timeout=60)
+        assert load.returncode == 0, load.stderr
+        assert host_exec(node, "docker", "tag", "labkit/node:debian12", OPTUNA_IMAGE).returncode == 0
+    return f"/scratch/{tree.name}"
+
+
+def test_the_optuna_array_example_runs_across_both_nodes(lab, optuna_job, host_exec):
+    """docs/examples/optuna_sweep.py, unchanged, as a labq array on Slurm: its four workers run on both
+    nodes and share one study (a journal on the shared scratch, as on the lab's NFS scratch)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    work = SCRATCH / f"sweep-{uuid.uuid4().hex[:8]}"
+    work.mkdir(mode=0o1777)
+    work.chmod(0o1777)
+    shutil.copy(REPO / "docs" / "examples" / "optuna_sweep.py", work)
+    jobs = f"/scratch/{work.name}"
+    array = submit(lab, "alice", "--array", "0-3", "--gpus", "1", "--mount", "scratch", "--name", "sweep",
+                   "--image", OPTUNA_IMAGE, "--env", f"PYTHONPATH={optuna_job}", "--", "python3",
+                   f"{jobs}/optuna_sweep.py", "--storage", f"{jobs}/study.journal", "--study", "sweep",
+                   "--trials", "16")
+
+    def ended() -> list[list[str]] | None:
+        out = host_exec(CONTROLLER, "sacct", "-n", "-P", "-X", "-j", str(array), "-o",
+                        "JobIDRaw,State,NodeList")
+        rows = [line.split("|") for line in out.stdout.split()]
+        done = len(rows) == 4 and all(r[1] not in ("PENDING", "RUNNING", "COMPLETING") for r in rows)
+        return rows if done else None
+
+    rows = wait_for(ended, 300, 3.0)
+    assert rows, host_exec(CONTROLLER, "squeue", "-u", "alice").stdout
+    assert {r[1] for r in rows} == {"COMPLETED"}, rows  # type: ignore[union-attr]
+    node_of = {int(r[0]): r[2] for r in rows}  # type: ignore[union-attr]
+    assert set(node_of.values()) == {"gpu01", "gpu02"}, node_of
+    study = optuna.load_study(study_name="sweep",
+                              storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) >= 16
+    assert {node_of[t.user_attrs["job"]] for t in complete} == {"gpu01", "gpu02"}  # one study, both nodes
+    assert {t.user_attrs["worker"] for t in complete} <= {0, 1, 2, 3}
