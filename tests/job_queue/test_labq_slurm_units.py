@@ -175,3 +175,29 @@ def test_an_image_that_cannot_run_the_command_is_explained_at_once():
     assert "readable by root only" in (explain_start_error(denied) or "")
     assert explain_start_error("500 Server Error: devices.allow: operation not permitted") is None
     assert start_failure(RuntimeError("500 Server Error: something else"), 1) is None  # retried
+
+
+def test_squeue_and_sacct_lines_become_labq_records():
+    from job_queue.slurm_client import _from_sacct, _from_squeue, comment_for
+
+    t0, t1, t2 = "2026-12-04T10:00:00", "2026-12-04T10:00:05", "2026-12-04T10:00:09"
+    comment = comment_for(_submit(), "labkit-job:1")
+    running = _from_squeue(["42", "42", "N/A", "alice", "RUNNING", "None", "gres:gpu:1", "1", "1G",
+                            "1:00:00", t0, t1, "N/A", "4294", "gpu01", "0", comment, "train"])
+    assert (running["id"], running["state"], running["node"], running["gpus"], running["image"]) == (
+        42, "running", "gpu01", 1, "labkit-job:1")
+    assert running["time_limit"] == 3600 and running["reason"] == ""
+    held = _from_squeue(["43", "43", "N/A", "bob", "PENDING", "JobHeldUser", "gres:gpu:2", "1", "1G",
+                         "UNLIMITED", t0, "N/A", "N/A", "0", "", "5", "", "eval"])
+    assert (held["state"], held["reason"], held["node"], held["priority"]) == ("held", "JobHeldUser", None, -5)
+    tasks = _from_squeue(["50", "50", "[2-9%2]", "alice", "PENDING", "JobArrayTaskLimit", "gres:gpu:1", "1",
+                          "1G", "UNLIMITED", t0, "N/A", "N/A", "0", "", "0", "", "sweep"])
+    assert (tasks["array_id"], tasks["array_tasks"]) == (50, "2-9")
+    oom = _from_sacct(["57", "57", "alice", "FAILED", "137:0", t0, t1, t2, "00:01:00", "cpu=1,gres/gpu=1",
+                       "", "gpu01", "labq:oom_killed", "", "big"])
+    assert (oom["state"], oom["oom_killed"], oom["exit_code"], oom["reason"]) == (
+        "failed", True, 137, "OOM killed")
+    killed = _from_sacct(["58", "58_3", "alice", "CANCELLED by 20001", "0:15", t0, t1, t2, "00:01:00", "",
+                          "", "gpu02", "", "", "t"])
+    assert (killed["state"], killed["exit_code"], killed["array_id"], killed["array_index"]) == (
+        "cancelled", 143, 58, 3)
