@@ -189,7 +189,8 @@ def test_squeue_and_sacct_lines_become_labq_records():
     assert running["time_limit"] == 3600 and running["reason"] == ""
     held = _from_squeue(["43", "43", "N/A", "bob", "PENDING", "JobHeldUser", "gres:gpu:2", "1", "1G",
                          "UNLIMITED", t0, "N/A", "N/A", "0", "", "5", "", "eval"])
-    assert (held["state"], held["reason"], held["node"], held["priority"]) == ("held", "JobHeldUser", None, -5)
+    assert (held["state"], held["reason"], held["node"]) == ("held", "JobHeldUser", None)
+    assert held["priority"] == -5
     tasks = _from_squeue(["50", "50", "[2-9%2]", "alice", "PENDING", "JobArrayTaskLimit", "gres:gpu:1", "1",
                           "1G", "UNLIMITED", t0, "N/A", "N/A", "0", "", "0", "", "sweep"])
     assert (tasks["array_id"], tasks["array_tasks"]) == (50, "2-9")
