@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 from lab_helpers import run_playbook, ssh
-from test_lab_slurm import wait_for
+from mon_sinks import SlackSink
+from test_lab_slurm import SLACK, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -251,6 +252,42 @@ def test_a_container_whose_job_ended_while_labqd_was_down_is_swept(lab, slurm_mo
     assert gone, "labqd did not sweep the container of an ended Slurm job"
     log = host_exec(node, "journalctl", "-u", "labqd", "--since", "-3min", "--no-pager").stdout
     assert f"of Slurm job {job_id}: its job no longer runs here" in log
+
+
+def test_hold_release_and_gpus_read_slurm(lab, slurm_mode, host_exec):
+    job_id = submit(lab, "alice", "--gpus", "1", "--hold", "--", "/bin/sleep", "30")
+    listed = {j["id"]: j for j in json.loads(labq(lab, "alice", "ls", "--json").stdout)}
+    assert (listed[job_id]["state"], listed[job_id]["reason"]) == ("held", "JobHeldUser"), listed[job_id]
+    assert labq(lab, "bob", "release", str(job_id)).returncode == 4  # not his
+    assert labq(lab, "alice", "release", str(job_id)).returncode == 0
+    assert wait_for(lambda: show(lab, "alice", job_id)["state"] == "running", 60)
+    job = show(lab, "alice", job_id)
+    gpus = json.loads(labq(lab, "bob", "gpus", "--json").stdout)
+    assert len(gpus) == sum(NODES.values())
+    held = [g for g in gpus if g["state"] == "job"]
+    assert [(g["id"], g["job"], g["user"]) for g in held if g["job"] == job_id] == [
+        (job["assigned_gpus"][0], job_id, "alice")], gpus
+    table = labq(lab, "alice", "ls").stdout.splitlines()
+    assert table[0].split()[:5] == ["ID", "USER", "STATE", "GPUS", "NODE"], table
+    assert labq(lab, "alice", "cancel", str(job_id)).returncode == 0
+
+
+def test_notices_of_labq_jobs_on_slurm_reach_the_owner(lab, slurm_mode):
+    """--notify becomes --mail-type; Slurm's MailProg (role slurm_mail) posts labq's notice."""
+    receiver = SlackSink(*SLACK)
+    try:
+        token = uuid.uuid4().hex[:8]
+        submit(lab, "alice", "--gpus", "0", "--notify", "failed", "--name", f"bad-{token}", "--",
+               "/bin/dash", "-c", "exit 3")
+        texts: list[str] = []
+        deadline = time.monotonic() + 90
+        while not texts and (left := deadline - time.monotonic()) > 0:
+            path, body = receiver.next(timeout=left)
+            if path == "/slurm" and token in body["text"]:
+                texts.append(body["text"])
+        assert texts and "FAILED" in texts[0] and "exit code: 3" in texts[0], texts
+    finally:
+        receiver.close()
 
 
 def test_memory_past_mem_is_oom_in_labq_and_sacct(lab, slurm_mode, host_exec):
