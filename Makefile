@@ -16,7 +16,7 @@ export LABKIT_ROOT := $(ROOT)
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 
 .PHONY: help host venv lab lab-image lab-infra lab-up lab-converge lab-status lab-down \
-        test quick lint unit promtool-test pytest-docker e2e docker-then-molecule molecule molecule-% test-nfs-vm bench gpu-check clean
+        test quick lint unit promtool-test pytest-docker e2e lab-job-image docker-then-molecule molecule molecule-% test-nfs-vm bench gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -47,7 +47,10 @@ lab-up: lab-infra ## start the lab's hosts and write inventory/lab/hosts.yml
 lab-converge: ## run playbooks/site.yml on the lab
 	ansible-playbook -i $(LAB_INV) playbooks/site.yml
 
-lab: lab-up lab-converge lab-status ## bring up the local lab and converge it (a second run: changed=0)
+lab: lab-up lab-converge lab-job-image lab-status ## bring up the local lab and converge it (a second run: changed=0)
+
+lab-job-image: ## load the lab's job image (labkit-job:1: Debian 12 with python3) into the GPU nodes
+	$(LABCTL) job-image
 
 lab-status: ## what runs where in the lab
 	$(LABCTL) status

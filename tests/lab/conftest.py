@@ -43,6 +43,15 @@ def second_run(lab: dict[str, Any]) -> PlaybookRun:
 
 
 @pytest.fixture(scope="session")
+def job_image(second_run) -> str:
+    """The lab's job image on the GPU nodes (`make lab-job-image`; loaded if `make lab` did not)."""
+    out = subprocess.run([sys.executable, "tests/lab/labctl.py", "job-image"], cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return "labkit-job:1"
+
+
+@pytest.fixture(scope="session")
 def host_exec() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run a command inside a lab host (as root), like an admin at its console."""
 

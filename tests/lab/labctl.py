@@ -532,6 +532,34 @@ def remove_slurm_cgroups(names: list[str]) -> None:
         log(f"could not remove {len(left)} Slurm cgroups (processes still in them?), e.g. {left[0]}")
 
 
+JOB_IMAGE = "labkit-job:1"  # job_queue_default_image in inventory/lab
+
+
+def job_image() -> None:
+    """The lab's job image on every GPU node: the node image itself (Debian 12 with python3, coreutils,
+    bash), loaded into the node's Docker as JOB_IMAGE, so a student's first `labq submit` finds it."""
+    client = docker_client()
+    tag = build_image()
+    wanted = client.images.get(tag).id
+    for host in lab_hosts():
+        if not host.shares_scratch:  # the GPU nodes
+            continue
+        name = container_name(host)
+        inspect = ["docker", "exec", name, "docker", "image", "inspect", "-f", "{{.Id}}", JOB_IMAGE]
+        probe = subprocess.run(inspect, capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == wanted:
+            log(f"{host.name}: job image {JOB_IMAGE} is up to date")
+            continue
+        save = subprocess.Popen(["docker", "save", tag], stdout=subprocess.PIPE)
+        load = subprocess.run(["docker", "exec", "-i", name, "docker", "load", "-q"], stdin=save.stdout,
+                              capture_output=True, text=True, timeout=900)
+        save.wait(timeout=60)
+        if load.returncode != 0:
+            raise SystemExit(f"labctl: loading the job image into {host.name} failed: {load.stderr.strip()}")
+        subprocess.run(["docker", "exec", name, "docker", "tag", tag, JOB_IMAGE], check=True)
+        log(f"{host.name}: job image {JOB_IMAGE} loaded (the node image: Debian 12, python3)")
+
+
 def down() -> None:
     client = docker_client()
     for container in lab_containers(client):
@@ -564,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="what runs where")
     st.add_argument("--json", action="store_true")
     sub.add_parser("down", help="remove the lab (keeps the image and the apt cache)")
+    sub.add_parser("job-image", help=f"load the lab's job image ({JOB_IMAGE}) into the GPU nodes' Docker")
     sub.add_parser("proxy-url", help="print the apt proxy URL lab hosts use")
     args = parser.parse_args(argv)
     if args.command == "image":
@@ -579,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         status(as_json=args.json)
     elif args.command == "down":
         down()
+    elif args.command == "job-image":
+        job_image()
     elif args.command == "proxy-url":
         print(apt_proxy_url())
     return 0

@@ -1,8 +1,9 @@
 """End-to-end checks of playbooks/job_queue.yml (role job_queue: labqd and labq) on the local lab.
 
 No GPUs here: the nodes get two fake GPU ids each (inventory/lab/group_vars/gpu_nodes/job_queue.yml) and
-run jobs from an image imported inside the node (dash and its libraries; no registry). The LDAP members
-alice (in lab-admins) and bob log in over SSH with the lab's test key and use `labq` like students do.
+run jobs from the lab's job image (labkit-job:1, the node image loaded by `make lab-job-image`; no
+registry). The LDAP members alice (in lab-admins) and bob log in over SSH with the lab's test key and
+use `labq` like students do.
 """
 
 from __future__ import annotations
@@ -25,21 +26,9 @@ IMAGE = "labkit-job:1"
 FINAL = {"succeeded", "failed", "cancelled", "timeout"}
 HELD_JOB = ("submit", "--json", "--hold", "--gpus", "0", "--", "/bin/dash", "-c", "true")
 
-IMPORT_IMAGE = f"""set -e
-root=$(mktemp -d)
-cp --parents -L /bin/dash $(ldd /bin/dash | grep -o '/[^ ]*') "$root"
-chmod -R a+rX "$root"
-tar -C "$root" -c . | docker import - {IMAGE} >/dev/null
-rm -rf "$root"
-"""
-
-
 @pytest.fixture(scope="module")
-def image(second_run, host_exec):
-    for node in NODES:
-        out = host_exec(node, "bash", "-c", IMPORT_IMAGE)
-        assert out.returncode == 0, out.stderr
-    return IMAGE
+def image(job_image):
+    return job_image
 
 
 def labq(lab, node: str, user: str, *args: str):
@@ -79,7 +68,7 @@ def test_ldap_user_job_runs_as_her_on_each_node(lab, image, host_exec, node):
     assert (job["state"], job["exit_code"], job["user"]) == ("succeeded", 0, "alice"), job
     owner = host_exec(node, "stat", "-c", "%U %a", "/home/alice/labq-lab.txt").stdout.split()
     assert owner[0] == "alice"
-    # The image has only dash (no `id`): the job names itself through labq's environment.
+    # The job names itself through labq's environment (as the user it runs as).
     who, gpu = host_exec(node, "cat", "/home/alice/labq-lab.txt").stdout.split()
     assert who == "alice" and gpu in ("GPU-fake-0", "GPU-fake-1")
 

@@ -27,24 +27,11 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 CONTROLLER = "infra01"
 NODES = {"gpu01": 2, "gpu02": 1}
-IMAGE = "labkit-slurmjob:1"
+IMAGE = "labkit-job:1"  # the lab job image (labctl job-image): Debian 12, python3, coreutils
 GRACE = 30  # job_queue_kill_grace (role default)
 FINAL = {"succeeded", "failed", "cancelled", "timeout"}
 REPO = Path(__file__).resolve().parents[2]
 SCRATCH = REPO / ".lab" / "scratch"  # the GPU nodes' shared /srv/scratch (labctl), /scratch in jobs
-OPTUNA_IMAGE = "labkit-optuna:1"  # the lab's node image (Debian's python3), as a job image
-
-# A small image: dash and the few programs the jobs below use (no package manager, no network).
-IMPORT_IMAGE = f"""set -e
-root=$(mktemp -d)
-for b in /bin/dash /bin/sleep /bin/cat /usr/bin/env /usr/bin/head /usr/bin/tail /bin/ls /bin/mknod; do
-  cp --parents -L "$b" $(ldd "$b" | grep -o '/[^ ]*') "$root"
-done
-mkdir -p "$root/tmp" && chmod 1777 "$root/tmp"
-chmod -R a+rX "$root"
-tar -C "$root" -c . | docker import -c 'ENV PATH=/usr/bin:/bin' - {IMAGE} >/dev/null
-rm -rf "$root"
-"""
 
 PROBE = ("echo job=$SLURM_JOB_ID gpus=$SLURM_JOB_GPUS labq=$LABQ_GPUS cvd=$CUDA_VISIBLE_DEVICES "
          "devs=$(echo /dev/fakegpu*)")
@@ -95,12 +82,10 @@ def container_pid(host_exec, node: str, job_id: int) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def slurm_mode(second_run, host_exec) -> Iterator[None]:
+def slurm_mode(second_run, job_image, host_exec) -> Iterator[None]:
     run = run_playbook("job_queue.yml", "-l", "gpu_nodes", "-e", "job_queue_scheduler=slurm")
     assert run.rc == 0, run.output[-3000:]
     for node in NODES:
-        out = host_exec(node, "bash", "-c", IMPORT_IMAGE)
-        assert out.returncode == 0, out.stderr
         assert "scheduler = \"slurm\"" in host_exec(node, "cat", "/etc/labq/config.toml").stdout
     try:
         yield
@@ -334,8 +319,8 @@ def test_bad_input_queues_nothing_and_unreachable_controller_is_exit_6(lab, slur
 
 
 @pytest.fixture(scope="module")
-def optuna_job(slurm_mode, host_exec) -> str:
-    """Optuna (the venv's version) in the shared scratch, and python3 as a job image on both nodes."""
+def optuna_job(slurm_mode) -> str:
+    """Optuna (the venv's version) in the shared scratch, for the lab's job image's python3."""
     optuna = pytest.importorskip("optuna")
     tree = SCRATCH / f"optuna-{optuna.__version__}"
     if not (tree / "optuna").is_dir():
@@ -345,15 +330,6 @@ def optuna_job(slurm_mode, host_exec) -> str:
         subprocess.run([*pip, f"optuna=={optuna.__version__}"], check=True, capture_output=True, timeout=600)
         tmp.rename(tree)
     subprocess.run(["chmod", "-R", "a+rX", str(tree)], check=True)
-    for node in NODES:
-        if host_exec(node, "docker", "image", "inspect", OPTUNA_IMAGE).returncode == 0:
-            continue
-        save = subprocess.Popen(["docker", "save", "labkit/node:debian12"], stdout=subprocess.PIPE)
-        load = subprocess.run(["docker", "exec", "-i", f"labkit-{node}", "docker", "load"], stdin=save.stdout,
-                              capture_output=True, timeout=600)
-        save.wait(timeout=60)
-        assert load.returncode == 0, load.stderr
-        assert host_exec(node, "docker", "tag", "labkit/node:debian12", OPTUNA_IMAGE).returncode == 0
     return f"/scratch/{tree.name}"
 
 
@@ -371,7 +347,7 @@ def test_the_optuna_array_example_runs_across_both_nodes(lab, optuna_job, host_e
     shutil.copy(REPO / "docs" / "examples" / "optuna_sweep.py", work)
     jobs = f"/scratch/{work.name}"
     array = submit(lab, "alice", "--array", "0-3", "--gpus", "1", "--mount", "scratch", "--name", "sweep",
-                   "--image", OPTUNA_IMAGE, "--env", f"PYTHONPATH={optuna_job}", "--", "python3",
+                   "--env", f"PYTHONPATH={optuna_job}", "--", "python3",
                    f"{jobs}/optuna_sweep.py", "--storage", f"{jobs}/study.journal", "--study", "sweep",
                    "--trials", "16")
 
