@@ -2,11 +2,14 @@
 
 Prints, measured in one run:
   1. 200 jobs of `true` on 4 fake GPUs through labq vs the same 200 `docker run --rm`, four at a
-     time from a shell: wall-time ratio (goal <= 1.05).
+     time from four shell loops: wall-time ratio (goal <= 1.05).
   2. gap from a job's exit to the next job's start on the freed GPU: p50 and p99 (goal p99 <= 0.5 s);
-     the same from Docker's own event timestamps (die -> start), next to a `docker run` loop's
-     (goal: labq's p99 below the loop's), and how many labq starts used a container made before
-     the exit that freed the GPU (prepared ahead, job_queue/prepare.py).
+     the same from Docker's own event timestamps (die -> start) next to the `docker run` loop's in
+     the same slot (goal: labq's p50 and p99 below the loop's), any next start for both, and how
+     many labq starts used a container made before the exit that freed the GPU (prepared ahead,
+     job_queue/prepare.py). Then one job at a time (jobs taking all 4 GPUs, `sleep 0.3`, ABBA)
+     against a `docker run --rm` loop one at a time: die -> next start, the latency of one start
+     without three others beside it (goal: labq's p50 and p99 below the loop's).
   3. `labq ls` wall time with 10,000 jobs in history (goal <= 150 ms); daemon RSS with 10,000 queued.
   4. scale: with 100,000 finished and 100,000 pending jobs (ten 10,000-task arrays behind four running
      jobs): `labq ls`, `ls --json`, `show`, `history` wall time, one scheduling pass (labqd's own
@@ -49,6 +52,7 @@ N_JOBS = 200
 N_HISTORY = 10_000
 N_QUEUED = 10_000
 LOOP_LABEL = "labq.bench=docker-run-loop"
+SLOT_LABEL = "labq.bench.slot"
 
 
 def ensure_image() -> None:
@@ -133,12 +137,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_labq(d: Daemon, cwd: str, n: int) -> tuple[float, float, list[dict[str, Any]]]:
+def bench_labq(d: Daemon, cwd: str, n: int, command: tuple[str, ...] = ("true",),
+               gpus: int = 1) -> tuple[float, float, list[dict[str, Any]]]:
     """Submit n jobs of `true` (1 GPU each); wall time until all finished, and until all removed."""
     t0 = time.monotonic()
     ids = []
     for _ in range(n):
-        ids.extend(d.call("submit", command=["true"], cwd=cwd, gpus=1)["ids"])
+        ids.extend(d.call("submit", command=list(command), cwd=cwd, gpus=gpus)["ids"])
     while d.call("ls")["jobs"]:
         time.sleep(0.02)
     finished = time.monotonic() - t0
@@ -189,6 +194,16 @@ class DockerEvents:
                 out.append((ev["timeNano"] / 1e9, ev.get("Action") or ev.get("status"), ev["id"]))
         return sorted(out)
 
+    def label_of(self, label: str) -> dict[str, str]:
+        """Container id -> its ``label`` (the containers that have it)."""
+        out = {}
+        for line in self.lines:
+            ev = json.loads(line)
+            value = ((ev.get("Actor") or {}).get("Attributes") or {}).get(label)
+            if value is not None:
+                out[ev["id"]] = value
+        return out
+
 
 def die_to_next_start(events: list[tuple[float, str, str]],
                       slot_of: dict[str, str] | None = None) -> list[float]:
@@ -226,10 +241,29 @@ def made_before_the_exit(events: list[tuple[float, str, str]], slot_of: dict[str
     return ahead, after_exit
 
 
-def bench_docker(n: int) -> float:
-    t0 = time.monotonic()
-    subprocess.run(f"seq {n} | xargs -P 4 -I{{}} docker run --rm --label {LOOP_LABEL} {IMAGE} true",
+LOOP1_LABEL = "labq.bench=docker-run-one-at-a-time"
+ONE_AT_A_TIME = 20  # jobs per half
+
+
+def bench_labq_one_at_a_time(d: Daemon, cwd: str, n: int) -> set[str]:
+    """n jobs of `sleep 0.3` taking all four GPUs (so one runs at a time); their container ids."""
+    return {j["container_id"] for j in bench_labq(d, cwd, n, ("sleep", "0.3"), 4)[2]}
+
+
+def bench_docker_one_at_a_time(n: int) -> None:
+    subprocess.run(f"for i in $(seq {n}); do docker run --rm --label {LOOP1_LABEL} {IMAGE} sleep 0.3; done",
                    shell=True, check=True)
+
+
+def bench_docker(n: int) -> float:
+    """n `docker run --rm` of `true`, four at a time: four shell loops, each labelled with its slot
+    (labq.bench.slot), so the exit -> next start gap can be taken per slot like labq's per GPU."""
+    t0 = time.monotonic()
+    loops = [subprocess.Popen(f"for i in $(seq {n // 4 + (k < n % 4)}); do docker run --rm "
+                              f"--label {LOOP_LABEL} --label {SLOT_LABEL}={k} {IMAGE} true || exit 1; done",
+                              shell=True) for k in range(4)]
+    if any(p.wait() != 0 for p in loops):
+        raise SystemExit("docker run loop failed")
     return time.monotonic() - t0
 
 
@@ -463,15 +497,37 @@ def main() -> int:
             a, n = made_before_the_exit(labq_events, slots)
             ahead, after_exit = ahead + a, after_exit + n
         ev_loop = die_to_next_start(loop_events)
-        print(f"   from Docker's event timestamps (die -> start): labq on the freed GPU p50 "
-              f"{pct(ev_gpu, 0.5) * 1000:.0f} ms, p99 {pct(ev_gpu, 0.99) * 1000:.0f} ms ({len(ev_gpu)}); "
-              f"labq any next start p50 {pct(ev_any, 0.5) * 1000:.0f} ms, "
-              f"p99 {pct(ev_any, 0.99) * 1000:.0f} ms; docker run loop "
-              f"p50 {pct(ev_loop, 0.5) * 1000:.0f} ms, p99 {pct(ev_loop, 0.99) * 1000:.0f} ms "
-              f"({len(ev_loop)}); labq p99 / loop p99 {pct(ev_gpu, 0.99) / pct(ev_loop, 0.99):.2f} "
-              f"(goal < 1)")
+        ev_loop_slot = die_to_next_start(loop_events, events.label_of(SLOT_LABEL))
+        def p(v: list[float]) -> str:
+            return f"p50 {pct(v, 0.5) * 1000:.0f} ms, p99 {pct(v, 0.99) * 1000:.0f} ms ({len(v)})"
+
+        print(f"   from Docker's event timestamps (die -> start): labq on the freed GPU {p(ev_gpu)} vs the "
+              f"docker run loop in the same slot {p(ev_loop_slot)}: ratios p50 "
+              f"{pct(ev_gpu, 0.5) / pct(ev_loop_slot, 0.5):.2f}, "
+              f"p99 {pct(ev_gpu, 0.99) / pct(ev_loop_slot, 0.99):.2f} (goal < 1); "
+              f"any next start: labq {p(ev_any)} vs the loop {p(ev_loop)}")
         print(f"   labq starts on a freed GPU whose container was made before that exit (prepared "
               f"ahead): {ahead} of {after_exit}")
+        # One job at a time: the gap is the latency of one start, not the throughput of four.
+        events = DockerEvents()
+        seq_a = bench_labq_one_at_a_time(d, cwd, ONE_AT_A_TIME)
+        bench_docker_one_at_a_time(ONE_AT_A_TIME)
+        bench_docker_one_at_a_time(ONE_AT_A_TIME)
+        seq_b = bench_labq_one_at_a_time(d, cwd, ONE_AT_A_TIME)
+        events.stop()
+        labq_events = events.of("labq.instance", SqliteStore(str(root / "state" / "labq.db")).instance)
+        seq_gaps: list[float] = []
+        for run_ids in (seq_a, seq_b):
+            seq_gaps += die_to_next_start([e for e in labq_events if e[2] in run_ids])
+        seq_ahead, seq_n = made_before_the_exit(labq_events, {c: "all" for c in seq_a | seq_b})
+        loop1 = events.of(*LOOP1_LABEL.split("=", 1))
+        loop1_gaps = die_to_next_start(loop1)
+        print(f"   one job at a time (jobs on all 4 GPUs, sleep 0.3; ABBA), die -> next start: labq p50 "
+              f"{pct(seq_gaps, 0.5) * 1000:.0f} ms, p99 {pct(seq_gaps, 0.99) * 1000:.0f} ms "
+              f"({len(seq_gaps)}; {seq_ahead} of {seq_n} prepared ahead); docker run --rm loop p50 "
+              f"{pct(loop1_gaps, 0.5) * 1000:.0f} ms, p99 {pct(loop1_gaps, 0.99) * 1000:.0f} ms "
+              f"({len(loop1_gaps)}); ratios p50 {pct(seq_gaps, 0.5) / pct(loop1_gaps, 0.5):.2f}, "
+              f"p99 {pct(seq_gaps, 0.99) / pct(loop1_gaps, 0.99):.2f} (goal < 1)")
         if only == "dispatch":
             return 0
 

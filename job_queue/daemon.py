@@ -78,7 +78,8 @@ class Daemon(StartStop):
         self._starters = None
         if parallel_starts > 0:
             self._starters = ThreadPoolExecutor(parallel_starts, thread_name_prefix="labq-start")
-        self.preparer = Preparer(runtime, background=parallel_starts > 0)
+        self.preparer = Preparer(runtime, background=parallel_starts > 0,
+                                 wait_for_starts=lambda: self.reaper.wait_for_starts(2.0))
         self._images_seen: dict[str, float] = {}
         self._start_attempts: dict[int, int] = {}
         self._gpus: list[GpuInfo] = inventory.snapshot(())

@@ -20,7 +20,9 @@ started container is left), and after a labqd restart reconcile removes every cr
 a job that is not recorded as starting (reconcile.py), and starts the one of a starting job only if
 it was made for the GPUs recorded with the start.
 
-Creates run one at a time in one worker thread, removals in another (a removal waits for its
+Creates run one at a time in one worker thread, each after the container starts in flight (those
+are on a freed GPU's critical path; a job that starts before its create ran is created by its start,
+which never waits for a create), removals in another (a removal waits for its
 create); a start of a job whose prepared container is being removed waits for that removal, so a
 start never meets its own container half removed. The main loop owns the bookkeeping.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -44,11 +47,17 @@ class Prepared:
     gpus: tuple[str, ...]
     container: Future[str | None]
     """The prepared container's id once made (None: not made, e.g. the name was taken)."""
+    dropped: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set when the job starts or is no longer forecast: a create not yet issued is skipped."""
+    removal: bool = False
+    """``container`` is the removal of the job's prepared container (a start waits for it)."""
 
 
 class Preparer:
-    def __init__(self, runtime: Runtime, background: bool = True) -> None:
+    def __init__(self, runtime: Runtime, background: bool = True,
+                 wait_for_starts: Callable[[], None] | None = None) -> None:
         self.runtime = runtime
+        self._wait_for_starts = wait_for_starts
         self._creator = ThreadPoolExecutor(1, thread_name_prefix="labq-prepare") if background else None
         # Removals apart from creates, so a start that waits for one does not wait behind creates.
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="labq-unprepare") if background else None
@@ -78,8 +87,9 @@ class Preparer:
         for job_id, gpus in want.items():
             if job_id not in self._entries and job_id not in self._removing:  # made after its removal
                 job = dataclasses.replace(jobs[job_id], assigned_gpus=list(gpus))
-                self._entries[job_id] = Prepared(gpus, self._run(self._creator,
-                                                                 functools.partial(self._create, job)))
+                dropped = threading.Event()
+                made = self._run(self._creator, functools.partial(self._create, job, dropped))
+                self._entries[job_id] = Prepared(gpus, made, dropped)
 
     def take(self, job_id: int) -> Prepared | None:
         """Main loop, as the job starts: what was prepared for it (``claim`` it in the start worker);
@@ -87,7 +97,10 @@ class Preparer:
         entry = self._entries.pop(job_id, None)
         if entry is None:
             removing = self._removing.pop(job_id, None)
-            return Prepared((), removing) if removing is not None and not removing.done() else None
+            if removing is None or removing.done():
+                return None
+            return Prepared((), removing, removal=True)
+        entry.dropped.set()
         if entry.container.cancel():  # never began: the start creates it
             return None
         return entry
@@ -95,6 +108,8 @@ class Preparer:
     def claim(self, entry: Prepared, gpus: Sequence[str]) -> str | None:
         """Start worker: the prepared container to start if it was made for ``gpus``; else None, after
         removing the one made for other GPUs (so the start creates the job's container anew)."""
+        if not entry.removal and not entry.container.done():
+            return None  # not made yet (it waits for other starts): the start makes it, no waiting
         cid = entry.container.result()
         if cid is None or entry.gpus == tuple(gpus):
             return cid
@@ -120,7 +135,11 @@ class Preparer:
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _create(self, job: Job) -> str | None:
+    def _create(self, job: Job, dropped: threading.Event) -> str | None:
+        if self._wait_for_starts is not None:
+            self._wait_for_starts()  # a start in flight is someone's freed GPU: it goes first
+        if dropped.is_set():
+            return None  # started (its start made the container) or no longer forecast meanwhile
         try:
             cid = self.runtime.prepare(job)
         except Exception as exc:  # the start makes it then, and reports any error
@@ -132,6 +151,7 @@ class Preparer:
         return cid
 
     def _discard(self, job_id: int, entry: Prepared) -> None:
+        entry.dropped.set()
         if entry.container.cancel():
             return  # never made
 

@@ -1,8 +1,9 @@
 """Output and clean-up of job containers: follow logs into files, save the output of finished
 containers, copy Docker's exact times into the record, then remove the container.
 
-Removals run in one background thread and wait while container starts are in flight, so they do
-not compete with the next job's start for dockerd.
+Removals run in one background thread and, like the Docker calls that complete a finished job's
+record, wait while container starts are in flight, so they do not compete with the next job's start
+for dockerd.
 """
 
 from __future__ import annotations
@@ -47,14 +48,28 @@ class Reaper:
     @contextmanager
     def starting(self) -> Iterator[None]:
         """Mark a container start in flight (removals wait for it)."""
-        with self._idle:
-            self._starting += 1
+        self.start_begun()
         try:
             yield
         finally:
-            with self._idle:
-                self._starting -= 1
-                self._idle.notify_all()
+            self.start_done()
+
+    def start_begun(self) -> None:
+        """A container start is decided (removals, output saving and prepares wait until it is done);
+        called by the main loop, so nothing slips in between the decision and the worker."""
+        with self._idle:
+            self._starting += 1
+
+    def start_done(self) -> None:
+        with self._idle:
+            self._starting -= 1
+            self._idle.notify_all()
+
+    def wait_for_starts(self, timeout: float = 10.0) -> None:
+        """Wait (at most ``timeout``) until no container start is in flight: starts are on the
+        critical path of a freed GPU, the other Docker calls are not."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._starting == 0, timeout=timeout)
 
     def note_oom(self, cid: str) -> None:
         self._oom[cid] = None
@@ -115,6 +130,7 @@ class Reaper:
             settled = self._settled.pop(job.id, None)
             if settled is not None:
                 settled.set()
+            self.wait_for_starts(2.0)
             self._enrich(job.id, cid)
             self._removals.put(cid)
 
@@ -146,8 +162,7 @@ class Reaper:
         """Remove finished containers one by one, letting container starts go first."""
         while True:
             cid = self._removals.get()
-            with self._idle:
-                self._idle.wait_for(lambda: self._starting == 0, timeout=10)
+            self.wait_for_starts()
             try:
                 self.runtime.remove(cid)
             except Exception:

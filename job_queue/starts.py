@@ -56,9 +56,13 @@ class StartStop:
         if self._starters is None:
             self._on_started(*self._create(job, prepared))
         else:  # create/start in parallel; the main loop records the result ("started")
+            self.reaper.start_begun()  # counted from the decision: nothing else slips in before it
+
             def run() -> None:
-                with self.reaper.starting():
+                try:
                     result = self._create(job, prepared)
+                finally:
+                    self.reaper.start_done()
                 self.queue.put(Started(*result))
 
             self._starters.submit(run)

@@ -492,3 +492,27 @@ def test_a_start_waits_for_the_removal_of_its_jobs_prepared_container() -> None:
     worker.join(10)
     assert claimed == [None] and made.id not in rt.containers  # gone: the start creates it anew
     p.settle()
+
+
+def test_a_start_never_waits_for_a_create_held_back_by_starts() -> None:
+    from job_queue.prepare import Preparer
+
+    rt = FakeRuntime()
+    starts_done = threading.Event()  # the start in flight: the prepare waits for it
+    waiting = threading.Event()
+
+    def wait_for_starts() -> None:
+        waiting.set()
+        starts_done.wait(10)
+
+    p = Preparer(rt, wait_for_starts=wait_for_starts)
+    job = Job(id=7, spec=spec(), state=JobState.PENDING, submit_time=1.0)
+    p.plan([(7, ["g0"])], {7: job})
+    assert waiting.wait(10)
+    entry = p.take(7)  # the job starts now, on the GPUs it was forecast on
+    assert entry is not None
+    assert p.claim(entry, ["g0"]) is None  # at once: the start creates the container itself
+    starts_done.set()
+    assert entry.container.result(10) is None
+    p.settle()
+    assert rt.of_job(7) is None and not [c for c in rt.calls if c[0] == "prepare"]  # skipped, none left
