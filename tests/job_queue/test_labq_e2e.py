@@ -163,6 +163,36 @@ def test_queue_order_and_gpu_reuse(labqd: Labqd) -> None:
     assert [g["state"] for g in gpus] == ["free"] * 4
 
 
+def test_next_job_is_prepared_while_the_gpus_are_busy(labqd: Labqd) -> None:
+    from labq_helpers import docker_client
+
+    api = docker_client().api
+
+    def container(job_id: int, user: str) -> dict[str, Any] | None:
+        try:
+            return api.inspect_container(f"labq-{job_id}-{user}")  # type: ignore[no-any-return]
+        except Exception:
+            return None
+
+    busy = submit(labqd, "alice", "--gpus", "4", "--", "sleep", "4")
+    labqd.wait_state(busy, ("running",))
+    dropped = submit(labqd, "bob", "--gpus", "3", "--", "true")
+    made = wait_for(lambda: container(dropped, "bob"), lambda c: c is not None)
+    assert made is not None and made["State"]["Status"] == "created"  # made, never started
+    assert labqd.labq("cancel", str(dropped), user="bob").returncode == 0
+    assert wait_for(lambda: container(dropped, "bob"), lambda c: c is None) is None  # removed
+    nxt = submit(labqd, "bob", "--gpus", "3", "--", "sh", "-c", 'echo "gpus=$CUDA_VISIBLE_DEVICES"')
+    ahead = wait_for(lambda: container(nxt, "bob"), lambda c: c is not None)
+    assert ahead is not None and ahead["State"]["Status"] == "created"
+    assert labqd.job(busy)["state"] == "running"
+    done = labqd.wait_state(nxt, ("succeeded",))
+    assert done["container_id"] == ahead["Id"]  # the prepared container is the one that ran
+    assert done["assigned_gpus"] == labqd.job(busy)["assigned_gpus"][:3]
+    out = wait_for(lambda: labqd.labq("logs", str(nxt), user="bob").stdout, lambda o: o != "")
+    assert out == f"gpus={','.join(done['assigned_gpus'])}\n"
+    assert labqd.job(dropped)["state"] == "cancelled" and labqd.job(dropped)["start_time"] is None
+
+
 def test_bad_input_is_refused_and_nothing_queued(labqd: Labqd) -> None:
     cases = [
         (["--gpus", "5", "--", "true"], "gpus"),
