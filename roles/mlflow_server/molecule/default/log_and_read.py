@@ -1,0 +1,68 @@
+"""Log a run with a metric, a parameter and two artifacts (one of 32 MiB) to the MLflow server, then
+read all of it back through the REST API and the artifact proxy; prints one JSON line of what it read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+URL = sys.argv[1]
+
+
+def get(path: str) -> bytes:
+    if not URL.startswith("http://"):
+        raise SystemExit(f"not an http:// URL: {URL}")
+    with urllib.request.urlopen(URL + path, timeout=120) as response:  # noqa: S310 (http only, checked)
+        body: bytes = response.read()
+    return body
+
+
+def main() -> int:
+    mlflow.set_tracking_uri(URL)
+    mlflow.set_experiment("molecule-check")
+    big = os.urandom(32 * 1024 * 1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        notes, weights = Path(tmp) / "notes.txt", Path(tmp) / "weights.bin"
+        notes.write_text("lr=0.003 was best\n")
+        weights.write_bytes(big)
+        with mlflow.start_run() as run:
+            mlflow.log_param("lr", 0.003)
+            for step, loss in enumerate([0.9, 0.5, 0.25]):
+                mlflow.log_metric("loss", loss, step=step)
+            mlflow.log_artifact(str(notes))
+            mlflow.log_artifact(str(weights), artifact_path="model")
+    run_id = run.info.run_id
+    got = json.loads(get(f"/api/2.0/mlflow/runs/get?run_id={run_id}"))["run"]
+    history = json.loads(get(f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=loss"))
+    experiment_id = got["info"]["experiment_id"]
+    notes_back = get(f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/notes.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = MlflowClient().download_artifacts(run_id, "model/weights.bin", tmp)
+        weights_ok = hashlib.sha256(Path(local).read_bytes()).digest() == hashlib.sha256(big).digest()
+    print(
+        json.dumps(
+            {
+                "run_id": run_id,
+                "experiment_id": experiment_id,
+                "status": got["info"]["status"],
+                "artifact_uri": got["info"]["artifact_uri"],
+                "params": {p["key"]: p["value"] for p in got["data"].get("params", [])},
+                "loss_history": [m["value"] for m in sorted(history["metrics"], key=lambda m: m["step"])],
+                "notes": notes_back.decode(),
+                "weights_ok": weights_ok,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
