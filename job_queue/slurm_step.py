@@ -80,6 +80,49 @@ def _attempt(path: str, request: bytes) -> dict[str, object]:
                 return reply
 
 
+def memory_limit(proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """This process's memory limit from its cgroup (v1 ``memory.limit_in_bytes``, v2 ``memory.max``),
+    or None when it has none."""
+    from pathlib import Path
+
+    limits = []
+    for line in (Path(proc_root) / "self" / "cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, name = Path(cgroup_root), "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = Path(cgroup_root) / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), 0, -1):  # this cgroup and its parents (the step's, the job's)
+            try:
+                text = (base.joinpath(*parts[:depth]) / name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 2**60:
+                limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def reraise_oom() -> None:
+    """Let Slurm record the container's OOM kill as the job's (OUT_OF_MEMORY): Slurm watches the step's
+    own processes for OOM events, not a container under it, so the step uses memory up to the job's limit
+    and is OOM-killed there, as a shell re-raises a child's signal. Only under a limit smaller than half
+    the machine's memory (never a node-wide OOM); else it returns and the step exits 137."""
+    limit = memory_limit()
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if limit is None or limit > total // 2:
+        return
+    chunks = []
+    chunk = 16 << 20
+    for _ in range(limit // chunk + 64):  # past the limit: the kernel kills this process first
+        block = bytearray(chunk)
+        for i in range(0, chunk, 4096):
+            block[i] = 1
+        chunks.append(block)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -123,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.get("oom_killed"):
             print(f"labq step: job {job_id}'s container was killed for using more memory than it asked for",
                   file=sys.stderr)
+            reraise_oom()
         return int(code) if isinstance(code, int) else EXIT_REFUSED
 
 
