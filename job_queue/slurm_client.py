@@ -375,7 +375,7 @@ def _from_squeue(p: list[str]) -> dict[str, Any]:
 def _from_sacct(p: list[str]) -> dict[str, Any]:
     (raw_id, job_id, user, sstate, exit_code, submit, start, end, limit, alloc, req, node, admin_comment,
      comment, name) = p
-    oom = sstate.startswith("OUT_OF_MEMORY") or OOM_MARK in admin_comment
+    oom = sstate.startswith("OUT_OF_MEMORY") or OOM_MARK in admin_comment  # sacct: ExitCode 0:125
     array_id, _, array_index = job_id.partition("_")
     state = labq_state(sstate)
     code, _, signal = exit_code.partition(":")
@@ -385,7 +385,7 @@ def _from_sacct(p: list[str]) -> dict[str, Any]:
     rec.update({
         "slurm_state": sstate.split()[0], "submit_time": parse_time(submit), "start_time": parse_time(start),
         "end_time": parse_time(end), "time_limit": parse_limit(limit),
-        "exit_code": _exit_code(code, signal), "oom_killed": oom, "priority": 0,
+        "exit_code": 137 if oom else _exit_code(code, signal), "oom_killed": oom, "priority": 0,
     })
     return rec
 
@@ -402,6 +402,8 @@ def _from_scontrol(line: str) -> dict[str, Any]:
                 node, r.get("JobName", ""), r.get("Comment", ""))
     meta = parse_comment(r.get("Comment", ""))
     code, _, signal = r.get("ExitCode", "").partition(":")
+    # Slurm reports an OOM kill as signal 125 (0:125); labq says 137, as Docker does
+    oom = sstate.startswith("OUT_OF_MEMORY") or OOM_MARK in r.get("AdminComment", "")
     dep = r.get("Dependency", "")
     rec.update({
         "slurm_state": sstate, "submit_time": parse_time(r.get("SubmitTime", "")),
@@ -414,8 +416,8 @@ def _from_scontrol(line: str) -> dict[str, Any]:
         "command": shlex.split(meta.get("command", "")) if meta.get("command") else [],
         "mounts": meta.get("mounts", []), "cwd": r.get("WorkDir", ""),
         "assigned_gpus": [f"{node}:{i}" for node in expand_hostlist(node) for i in gres_indices(line, node)],
-        "exit_code": _exit_code(code, signal) if labq_state(sstate) in _FINAL_WAIT else None,
-        "oom_killed": sstate.startswith("OUT_OF_MEMORY") or OOM_MARK in r.get("AdminComment", ""),
+        "exit_code": None if labq_state(sstate) not in _FINAL_WAIT else 137 if oom else _exit_code(code, signal),
+        "oom_killed": oom,
     })
     return rec
 
