@@ -404,6 +404,7 @@ def _from_scontrol(line: str) -> dict[str, Any]:
     code, _, signal = r.get("ExitCode", "").partition(":")
     # Slurm reports an OOM kill as signal 125 (0:125); labq says 137, as Docker does
     oom = sstate.startswith("OUT_OF_MEMORY") or OOM_MARK in r.get("AdminComment", "")
+    final = labq_state(sstate) in _FINAL_WAIT
     dep = r.get("Dependency", "")
     rec.update({
         "slurm_state": sstate, "submit_time": parse_time(r.get("SubmitTime", "")),
@@ -416,7 +417,7 @@ def _from_scontrol(line: str) -> dict[str, Any]:
         "command": shlex.split(meta.get("command", "")) if meta.get("command") else [],
         "mounts": meta.get("mounts", []), "cwd": r.get("WorkDir", ""),
         "assigned_gpus": [f"{node}:{i}" for node in expand_hostlist(node) for i in gres_indices(line, node)],
-        "exit_code": None if labq_state(sstate) not in _FINAL_WAIT else 137 if oom else _exit_code(code, signal),
+        "exit_code": (137 if oom else _exit_code(code, signal)) if final else None,
         "oom_killed": oom,
     })
     return rec
