@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_slurm import lab_is_up, pct, sh  # the lab's Slurm bench: same helpers
+
 REPO = Path(__file__).resolve().parent.parent
 NODES = ("labkit-gpu01", "labkit-gpu02")
 USER = "alice"
@@ -42,25 +44,6 @@ chmod -R a+rX "$root"
 tar -C "$root" -c . | docker import - {IMAGE} >/dev/null
 rm -rf "$root"
 """
-
-
-def sh(container: str, script: str, timeout: float = 900) -> str:
-    proc = subprocess.run(["docker", "exec", container, "bash", "-c", script], capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{container}: {script[:80]}...: {proc.stderr.strip()[-500:]}")
-    return proc.stdout
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def lab_is_up() -> bool:
-    proc = subprocess.run(["docker", "exec", "labkit-infra01", "scontrol", "ping"], capture_output=True,
-                          text=True)
-    return proc.returncode == 0 and "is UP" in proc.stdout
 
 
 def mode(scheduler: str) -> None:

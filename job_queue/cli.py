@@ -38,18 +38,18 @@ class CliError(Exception):
         self.code = code
 
 
-def _default_image(explicit_config: str | None) -> str:
-    """The node's ``default_image`` for ``submit --help`` (read only when help is asked for)."""
+def _config_value(explicit_config: str | None, key: str) -> str | None:
+    """One string setting of config.toml, read without loading (or validating) the whole config."""
     import os
     import tomllib
 
     path = explicit_config or os.environ.get("LABQ_CONFIG") or "/etc/labq/config.toml"
     try:
         with open(path, "rb") as fh:  # noqa: PTH123 - keep imports minimal for CLI start-up
-            value = tomllib.load(fh).get("default_image")
+            value = tomllib.load(fh).get(key)
     except (OSError, ValueError):
-        return "the node's default_image"
-    return value if isinstance(value, str) else "the node's default_image"
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _parser(default_image: str = "the node's default_image") -> argparse.ArgumentParser:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     if "-h" in raw or "--help" in raw:
         config = next((raw[i + 1] for i, a in enumerate(raw[:-1]) if a == "--config"), None)
-        args = _parser(_default_image(config)).parse_args(raw)
+        args = _parser(_config_value(config, "default_image") or "the node's default_image").parse_args(raw)
     else:
         args = _parser().parse_args(raw)
     if args.host:
@@ -163,24 +163,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def scheduler(explicit_config: str | None) -> str:
-    """The config's ``scheduler`` (``labq`` unless it says ``slurm``), read without the full config."""
-    import os
-    import tomllib
-
-    path = explicit_config or os.environ.get("LABQ_CONFIG") or "/etc/labq/config.toml"
-    try:
-        with open(path, "rb") as fh:  # noqa: PTH123 - keep imports minimal for CLI start-up
-            value = tomllib.load(fh).get("scheduler")
-    except (OSError, ValueError):
-        return "labq"
-    return value if isinstance(value, str) else "labq"
+    """The config's ``scheduler``: ``labq`` unless it says ``slurm``."""
+    return _config_value(explicit_config, "scheduler") or "labq"
 
 
 def _run_slurm(args: argparse.Namespace) -> int:
     """scheduler = "slurm": the same commands, answered by Slurm (job_queue/slurm_client.py)."""
+    from .client import RequestFailed
     from .config import ConfigError, load_config
     from .slurm import SlurmUnreachable
-    from .slurm_client import RequestFailed, SlurmClient
+    from .slurm_client import SlurmClient
 
     try:
         cfg = load_config(args.config)

@@ -19,8 +19,10 @@ import os
 import shlex
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from .client import RequestFailed
 from .config import Config
 from .protocol import ErrorCode, Submit, validate_request, wire
 from .slurm import (
@@ -47,13 +49,6 @@ _SACCT_FIELDS = ("JobIDRaw", "JobID", "User", "State", "ExitCode", "Submit", "St
                  "AllocTRES", "ReqTRES", "NodeList", "AdminComment", "Comment", "JobName")
 OOM_MARK = "labq:oom_killed"  # slurm_runner.OOM_MARK (not imported: the CLI stays light)
 _FINAL_WAIT = ("succeeded", "failed", "cancelled", "timeout")
-
-
-class RequestFailed(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def step_program() -> list[str]:
@@ -205,12 +200,7 @@ class SlurmClient:
             argv += ["-u", user]
         if array_tasks:
             argv.append("-r")
-        out = []
-        for line in run(argv).splitlines():
-            parts = line.split("|", len(_SQUEUE_FIELDS) - 1)
-            if len(parts) == len(_SQUEUE_FIELDS):
-                out.append(_from_squeue(parts))
-        return out
+        return _rows(argv, len(_SQUEUE_FIELDS), _from_squeue)
 
     def op_ls(self, user: str | None = None, array_tasks: bool = False) -> dict[str, Any]:
         import time
@@ -219,12 +209,7 @@ class SlurmClient:
 
     def _sacct(self, argv_tail: list[str]) -> list[dict[str, Any]]:
         argv = ["sacct", "-X", "-n", "-P", "-o", ",".join(_SACCT_FIELDS), *argv_tail]
-        out = []
-        for line in run(argv).splitlines():
-            parts = line.split("|", len(_SACCT_FIELDS) - 1)
-            if len(parts) == len(_SACCT_FIELDS):
-                out.append(_from_sacct(parts))
-        return out
+        return _rows(argv, len(_SACCT_FIELDS), _from_sacct)
 
     def op_history(self, user: str | None = None, limit: int = 50) -> dict[str, Any]:
         import time
@@ -326,6 +311,17 @@ class SlurmClient:
 
     def op_logs(self, id: int, offset: int = 0, max_bytes: int = 1024 * 1024) -> dict[str, Any]:
         raise RequestFailed(ErrorCode.INVALID, "logs: handled by cli (the job's node's labqd)")
+
+
+def _rows(argv: list[str], width: int,
+          parse: Callable[[list[str]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Slurm listing, ``width`` fields split on ``|`` (the last may hold one): a record per line."""
+    out = []
+    for line in run(argv).splitlines():
+        parts = line.split("|", width - 1)
+        if len(parts) == width:
+            out.append(parse(parts))
+    return out
 
 
 def _refusal(message: str) -> RequestFailed:
