@@ -105,6 +105,11 @@ def _parser(default_image: str = "the node's default_image") -> argparse.Argumen
     h.add_argument("--user", "-u")
     h.add_argument("--limit", "-n", type=int, default=50)
     h.add_argument("--json", action="store_true")
+    cr = sub.add_parser("credentials", help="once: store your LDAP login for the study database and MLflow "
+                                            "(files only you can read)")
+    cr.add_argument("--check", action="store_true", help="say what is set up (no secret shown)")
+    cr.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    cr.add_argument("--no-check", action="store_true", help="write without asking the portal first")
     return p
 
 
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_on(args.host, strip_host(raw)[1])
     try:
+        if args.cmd == "credentials":
+            return _credentials(args)
         return _run(args)
     except CliError as exc:
         from .display import safe
@@ -160,6 +167,19 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_UNREACHABLE) from exc
     except RequestFailed as exc:
         raise CliError(exc.message, _CODE_EXIT.get(exc.code, EXIT_ERROR)) from exc
+
+
+def _credentials(args: argparse.Namespace) -> int:
+    """``labq credentials``: needs no daemon, only the node's config (job_queue/credentials.py)."""
+    from .config import ConfigError, load_config
+    from .credentials import main as credentials
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_ERROR) from exc
+    return credentials(cfg.experiments, check=args.check, password_stdin=args.password_stdin,
+                       no_check=args.no_check)
 
 
 def scheduler(explicit_config: str | None) -> str:

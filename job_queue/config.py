@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .experiments import Experiments, ExperimentsConfigError, parse_experiments
 from .notify import NotifyConfig, NotifyConfigError, parse_notify
 
 DEFAULT_CONFIG_PATH = "/etc/labq/config.toml"
@@ -81,6 +82,8 @@ class Config:
     slurm_gpu_devices: tuple[str, ...] = ()
     """The node's GPU device files in Slurm's index order (gres.conf); with NVML, their minor numbers
     name the GPUs; with fake GPUs, the files are passed into the container."""
+    experiments: Experiments = field(default_factory=Experiments)
+    """``[experiments]``: study database, MLflow, extra hosts for jobs (job_queue/experiments.py)."""
 
     @property
     def db_path(self) -> str:
@@ -134,7 +137,7 @@ KNOWN_KEYS = {
     "max_request_bytes", "node_cpus", "node_mem_bytes", "foreign_refresh_s", "metrics_port",
     "metrics_address", "notify", "cluster_nodes", "max_connections_per_user", "max_connections",
     "reserved_fds", "request_timeout_s", "idle_timeout_s", "max_pending_per_user", "scheduler",
-    "slurm_node_name", "slurm_gpu_devices",
+    "slurm_node_name", "slurm_gpu_devices", "experiments",
 }
 SCHEDULERS = ("labq", "slurm")
 
@@ -143,6 +146,13 @@ def _notify(data: dict[str, Any]) -> NotifyConfig:
     try:
         return parse_notify(data.get("notify", {}))
     except NotifyConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _experiments(data: dict[str, Any]) -> Experiments:
+    try:
+        return parse_experiments(data.get("experiments", {}))
+    except ExperimentsConfigError as exc:
         raise ConfigError(str(exc)) from exc
 
 
@@ -197,6 +207,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         metrics_port=_get(data, "metrics_port", int, 9848),
         metrics_address=_get(data, "metrics_address", str, Config.metrics_address),
         notify=_notify(data),
+        experiments=_experiments(data),
         max_connections_per_user=_get(data, "max_connections_per_user", int, Config.max_connections_per_user),
         max_connections=_get(data, "max_connections", int, Config.max_connections),
         reserved_fds=_get(data, "reserved_fds", int, Config.reserved_fds),

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .config import Config
+from .experiments import job_env
 from .models import Job
 
 log = logging.getLogger("labqd.runtime")
@@ -61,10 +62,13 @@ def working_dir(home: str, cwd: str) -> str:
     return h
 
 
-def job_environment(job: Job) -> dict[str, str]:
+def job_environment(job: Job, cfg: Config | None = None) -> dict[str, str]:
+    """The container's environment: the lab's experiment settings (``cfg.experiments``; a job's own
+    ``--env`` may replace them), the job's ``--env``, then labq's own variables."""
     s = job.spec
     gpus = ",".join(job.assigned_gpus)
-    env = dict(s.env)
+    env = job_env(cfg.experiments, s.user, s.home) if cfg is not None else {}
+    env.update(s.env)
     env.update({
         "HOME": s.home,
         "USER": s.user,
@@ -87,7 +91,7 @@ def job_environment(job: Job) -> dict[str, str]:
 
 
 HOST_CONFIG_KEYS = frozenset({"group_add", "mounts", "security_opt", "cap_drop", "privileged", "network_mode",
-                              "nano_cpus", "mem_limit", "device_requests"})
+                              "nano_cpus", "mem_limit", "device_requests", "extra_hosts"})
 
 
 def container_options(job: Job, cfg: Config, instance: str = "") -> dict[str, Any]:
@@ -111,7 +115,7 @@ def container_options(job: Job, cfg: Config, instance: str = "") -> dict[str, An
         "name": container_name(job),
         "user": f"{s.uid}:{s.gid}",
         "group_add": [str(g) for g in s.groups if g != s.gid],
-        "environment": job_environment(job),
+        "environment": job_environment(job, cfg),
         "labels": {LABEL_JOB: str(job.id), LABEL_USER: s.user, LABEL_INSTANCE: instance},
         "working_dir": working_dir(s.home, s.cwd),
         "mounts": mounts,
@@ -123,6 +127,8 @@ def container_options(job: Job, cfg: Config, instance: str = "") -> dict[str, An
     }
     if s.host_network and cfg.allow_host_network:
         opts["network_mode"] = "host"
+    if cfg.experiments.extra_hosts:
+        opts["extra_hosts"] = dict(sorted(cfg.experiments.extra_hosts.items()))
     if s.cpus is not None:
         opts["nano_cpus"] = int(s.cpus * 1e9)
     if s.mem is not None:

@@ -47,7 +47,8 @@ log = logging.getLogger("labqd")
 LABEL_SLURM_JOB = "labkit.slurm-job"
 OOM_MARK = "labq:oom_killed"
 _HOST_KEYS = frozenset({"group_add", "mounts", "security_opt", "cap_drop", "privileged", "network_mode",
-                        "nano_cpus", "mem_limit", "device_requests", "devices", "cgroup_parent"})
+                        "nano_cpus", "mem_limit", "device_requests", "devices", "cgroup_parent",
+                        "extra_hosts"})
 
 
 def container_name(job_id: int, user: str) -> str:
@@ -79,6 +80,29 @@ def refuse(caller: Caller, job_id: int, why: str) -> ProtocolError:
     log.warning("slurm_run refused: pid %d uid %d (%s) for Slurm job %d: %s", caller.pid, caller.uid,
                 caller.user, job_id, why)
     return ProtocolError(ErrorCode.PERMISSION, f"job: {why}")
+
+
+def slurm_container_options(job: Job, sj: SlurmJob, cfg: Config, node: str, parent: str,
+                            devices: list[str]) -> dict[str, Any]:
+    """A Slurm job's container settings in docker SDK terms (pure): a labq job's (runtime.container_options:
+    user, mounts, environment with the lab's experiment settings, extra hosts), plus Slurm's variables, under
+    the job's cgroup, with Slurm's memory limit and, with fake GPUs, the job's device files."""
+    opts = container_options(job, cfg)
+    opts["name"] = container_name(job.id, job.spec.user)
+    opts["labels"][LABEL_SLURM_JOB] = str(job.id)
+    env = job_environment(job, cfg)
+    env.update({"SLURM_JOB_ID": str(sj.id), "SLURM_JOB_GPUS": ",".join(map(str, sj.gpu_indices)),
+                "SLURM_JOB_NODELIST": node, "SLURM_JOB_USER": sj.user})
+    if job.spec.array_index is not None:
+        env.update({"SLURM_ARRAY_TASK_ID": str(job.spec.array_index),
+                    "SLURM_ARRAY_JOB_ID": str(job.spec.array_id)})
+    opts["environment"] = env
+    opts["cgroup_parent"] = parent
+    opts.pop("mem_limit", None)  # Slurm's limit (the job's cgroup) is the one: its OOM is Slurm's
+    if cfg.fake_gpus:
+        opts.pop("device_requests", None)
+        opts["devices"] = [f"{d}:{d}:rwm" for d in devices]
+    return opts
 
 
 class GpuMap:
@@ -278,21 +302,7 @@ class SlurmRunner:
             if existing.status == "created":
                 client.api.start(existing.id)
             return existing.id, True
-        opts = container_options(job, self.cfg)
-        opts["name"] = name
-        opts["labels"][LABEL_SLURM_JOB] = str(job.id)
-        env = job_environment(job)
-        env.update({"SLURM_JOB_ID": str(sj.id), "SLURM_JOB_GPUS": ",".join(map(str, sj.gpu_indices)),
-                    "SLURM_JOB_NODELIST": self.node, "SLURM_JOB_USER": sj.user})
-        if job.spec.array_index is not None:
-            env.update({"SLURM_ARRAY_TASK_ID": str(job.spec.array_index),
-                        "SLURM_ARRAY_JOB_ID": str(job.spec.array_id)})
-        opts["environment"] = env
-        opts["cgroup_parent"] = parent
-        opts.pop("mem_limit", None)  # Slurm's limit (the job's cgroup) is the one: its OOM is Slurm's
-        if self.cfg.fake_gpus:
-            opts.pop("device_requests", None)
-            opts["devices"] = [f"{d}:{d}:rwm" for d in devices]
+        opts = slurm_container_options(job, sj, self.cfg, self.node, parent, devices)
         self._allow_mknod(parent)
         host = {k: opts.pop(k) for k in list(opts) if k in _HOST_KEYS}
         created = client.api.create_container(host_config=client.api.create_host_config(**host), **opts)
