@@ -89,3 +89,40 @@ def ssh(
         timeout=60,
         env=None if env is None else {**os.environ, **env},
     )
+
+
+SCRATCH = REPO / ".lab" / "scratch"  # the GPU nodes' shared /srv/scratch (labctl), /scratch in jobs
+
+
+def pinned(constraints: Path, package: str) -> str:
+    """A package's version as a constraints file pins it (``name==version``)."""
+    for line in constraints.read_text().splitlines():
+        name, _, version = line.partition("==")
+        if name.strip().lower() == package:
+            return version.split("#")[0].strip()
+    raise LookupError(f"{package} is not pinned in {constraints}")
+
+
+def experiment_libs() -> str:
+    """Optuna, psycopg2 and MLflow's client for the lab's job image (Debian 12, python3.11) in the shared
+    scratch: the versions the lab's services run (the dashboard's Optuna, the server's MLflow), so the
+    students' examples run unchanged in a job. Installed once (pip, the machine's index or
+    PIP_INDEX_URL's mirror); returns the path jobs see it at."""
+    roles = REPO / "roles"
+    optuna = pinned(roles / "optuna_dashboard" / "files" / "constraints.txt", "optuna")
+    defaults = (roles / "mlflow_server" / "defaults" / "main.yml").read_text()
+    mlflow = re.search(r'^mlflow_server_version: "([^"]+)"', defaults, re.M)
+    assert mlflow, "mlflow_server_version not found"
+    wanted = [f"optuna=={optuna}", f"mlflow-skinny=={mlflow[1]}", "psycopg2-binary==2.9.10"]
+    tree = SCRATCH / ("libs-" + "-".join(w.replace("==", "") for w in wanted))
+    if not (tree / "optuna").is_dir():
+        tmp = tree.with_suffix(".tmp")
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        subprocess.run(
+            [str(REPO / ".venv" / "bin" / "pip"), "install", "--quiet", "--no-compile", "--only-binary=:all:",
+             "--python-version", "3.11", "--platform", "manylinux2014_x86_64", "--target", str(tmp), *wanted],
+            check=True, capture_output=True, timeout=900,
+        )
+        tmp.rename(tree)
+    subprocess.run(["chmod", "-R", "a+rX", str(tree)], check=True)
+    return f"/scratch/{tree.name}"
