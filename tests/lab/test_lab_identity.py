@@ -18,6 +18,9 @@ import time
 
 import pytest
 from lab_helpers import ADMIN_KEY, run_playbook, ssh
+from test_lab_experiments import NAME, db_client, portal, psql
+
+__all__ = ["db_client", "portal"]  # fixtures of the experiment services' checks, used here
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -28,6 +31,7 @@ ADMIN_PW = "lab-test-only-ldap-admin"
 BIND_DN = f"cn=sssd,ou=services,{BASE}"
 BIND_PW = "lab-test-only-ldap-bind"
 ALICE_DN = f"uid=alice,ou=people,{BASE}"
+DB_LOGIN = f"host={NAME} dbname=alice user=alice sslmode=verify-full sslrootcert=/tmp/db-ca.crt"
 LDAP_URI = "ldaps://infra01.lab.test"
 KEY = "{{ lab_admin_pubkey }}"
 MEMBERS = [
@@ -188,10 +192,15 @@ def test_bad_members_are_rejected_before_any_change(second_run, host_exec, membe
     assert directory_checksum(host_exec) == before
 
 
-def test_absent_member_cannot_log_in_and_keeps_her_files(second_run, lab, host_exec):
+def test_absent_member_cannot_log_in_and_keeps_her_files(second_run, lab, host_exec, portal, db_client):
+    """Marked absent, alice can log in nowhere: not over SSH, not to the portal, not to the study database
+    (her files and her database stay)."""
     address = lab["gpu01"]["address"]
     wrote = ssh(address, "alice", "echo thesis-draft > ~/keep.txt")
     assert wrote.returncode == 0, wrote.stderr
+    set_password_as_admin(host_exec, "absent-test-pw-1")
+    assert portal("/mlflow/health", "alice", "absent-test-pw-1").status_code == 200
+    assert psql(host_exec, DB_LOGIN, "absent-test-pw-1").returncode == 0
     gone = [dict(MEMBERS[0], ssh_keys=[], state="absent"), MEMBERS[1]]
     try:
         run = run_playbook("users.yml", "-e", json.dumps({"lab_users": gone}))
@@ -203,6 +212,16 @@ def test_absent_member_cannot_log_in_and_keeps_her_files(second_run, lab, host_e
         assert host_exec("gpu01", "id", "-Gn", "alice").stdout.split() == ["lab-members"]  # primary gid only
         assert host_exec("gpu01", "cat", "/home/alice/keep.txt").stdout == "thesis-draft\n"
         assert ssh(address, "bob", "id -un").stdout.strip() == "bob"  # others are untouched
+        # the portal trusts a looked-up login for web_portal_ldap_cache_seconds (5 s in the lab)
+        deadline = time.monotonic() + 30
+        while portal("/mlflow/health", "alice", "absent-test-pw-1").status_code != 401:
+            assert time.monotonic() < deadline, "the portal still lets alice in"
+            time.sleep(2)
+        db = psql(host_exec, DB_LOGIN, "absent-test-pw-1")
+        assert db.returncode != 0 and "authentication failed" in db.stderr, db.stderr
+        kept = host_exec("infra01", "runuser", "-u", "postgres", "--", "psql", "-XAtq", "-c",
+                         "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'alice'")
+        assert kept.stdout.strip() == "f", kept.stdout + kept.stderr  # her role (and database) stay
     finally:
         back = run_playbook("users.yml")  # the inventory has her present again
         assert back.rc == 0, back.output[-3000:]
