@@ -85,7 +85,8 @@ class Browser:
             else:
                 user, password = self._credentials
                 response = {"response": "ProvideCredentials", "username": user, "password": password}
-            self._send("Fetch.continueWithAuth", requestId=params["requestId"], authChallengeResponse=response)
+            self._send("Fetch.continueWithAuth", requestId=params["requestId"],
+                       authChallengeResponse=response)
 
     def _call(self, method: str, timeout: float = 60, **params: Any) -> dict[str, Any]:
         want = self._send(method, **params)
