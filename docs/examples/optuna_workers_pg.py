@@ -13,9 +13,11 @@ the lock is let go as soon as the trial exists. Failed trials do not count, so a
 database is replaced, and a worker that is done waits until no other trial is running before it exits.
 
 A PostgreSQL restart in the middle: every database call of a trial is retried until the server is back
-(``pool_pre_ping`` replaces the dead connections); a trial whose worker stopped sending heartbeats is
-failed after ``--grace`` seconds by another worker and retried once with the same parameters
-(``RetryHeartbeatStaleTrialCallback``); a result that could not be stored is run again, never counted twice.
+(``pool_pre_ping`` replaces the dead connections), and so are the trial's heartbeats; a trial whose
+worker stopped sending them is failed after ``--grace`` seconds by another worker and retried once with
+the same parameters (``RetryHeartbeatStaleTrialCallback``); a trial the database made while its worker
+was told the call failed (it never got a parameter) is failed after ``--grace`` seconds; a result that
+could not be stored is run again, never counted twice.
 
 Replace ``objective`` with your training: report the validation metric each epoch, return the last.
 Run it anywhere else with ``--storage sqlite:///study.db`` (one worker) to try it.
@@ -177,21 +179,60 @@ def counts(study: optuna.Study) -> dict[TrialState, int]:
     return out
 
 
+class Heartbeat:
+    """Records the running trial's heartbeat every ``interval`` seconds, retrying while the database is
+    away (Optuna's own heartbeat thread ends at its first error, and a trial without heartbeats would
+    look lost, or, without any, never)."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except db_errors():
+                pass  # again at the next beat
+            self.done.wait(self.interval)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def fail_orphans(study: optuna.Study, grace: float, say: Callable[[str], None]) -> None:
+    """A trial the database made while its worker was told the call failed runs nowhere: RUNNING
+    without a single parameter long after its start. Failed (not counted), so another takes its place."""
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = t.datetime_start.timestamp() if t.datetime_start else now
+        if not t.params and now - started > grace:
+            try:
+                study.tell(t.number, state=TrialState.FAIL)
+                say(f"trial {t.number} was made but never run; failed, another takes its place")
+            except (UpdateFinishedTrialError, ValueError):
+                pass  # finished meanwhile
+
+
 def run_worker(study: optuna.Study, trials: int, lock: StudyLock,
                objective_fn: Callable[[optuna.Trial], float], poll: float = 2.0,
-               say: Callable[[str], None] = print) -> int:
-    """Run trials until the study has ``trials`` live ones and none is still running; trials run here."""
+               say: Callable[[str], None] = print, storage: Any = None, grace: float = 60.0) -> int:
+    """Run trials until the study has ``trials`` live ones and none is still running; trials run here.
+    ``storage``: the study's RDBStorage with heartbeats (None: no heartbeats, e.g. in memory). Optuna's
+    ``study.optimize`` is not used: when storing a result fails it loses the error (Optuna 5.0)."""
     ran = 0
-
-    def body(trial: optuna.Trial) -> float:
-        lock.release()  # the trial exists: other workers may start theirs
-        return objective_fn(trial)
-
     while True:
         lock.acquire()
         try:
             # Trials whose worker stopped sending heartbeats: failed, and retried (no-op without heartbeats).
             retrying(lambda: optuna.storages.fail_stale_trials(study), "stale trials")
+            retrying(lambda: fail_orphans(study, grace, say), "orphaned trials")
             n = retrying(lambda: counts(study), "count trials")
             if n[TrialState.WAITING] == 0 and sum(n[s] for s in LIVE) >= trials:
                 if n[TrialState.RUNNING] == 0:
@@ -200,18 +241,46 @@ def run_worker(study: optuna.Study, trials: int, lock: StudyLock,
                 time.sleep(poll)
                 continue
             try:
-                # A trial whose database calls gave up is FAIL (not counted: another takes its place);
-                # any other error in the objective is a bug and ends the worker.
-                study.optimize(body, n_trials=1, catch=db_errors())
-                ran += 1
-            except UpdateFinishedTrialError:
-                say("a result came after its trial had been failed and retried elsewhere; not counted")
+                trial = study.ask()  # a trial waiting to be retried first, else a new one
             except db_errors() as exc:
-                say(f"the database went away around a trial ({type(exc).__name__}); its place is kept "
-                    "for a retry")
+                say(f"the database went away while making a trial ({type(exc).__name__})")
+                continue
         finally:
-            lock.release()
+            lock.release()  # the trial exists: other workers may start theirs
+        run_trial(study, trial, objective_fn, storage, say)
+        ran += 1
 
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, objective_fn: Callable[[optuna.Trial], float],
+              storage: Any, say: Callable[[str], None]) -> None:
+    """Run one trial and store its result, retrying while the database is away. A trial whose database
+    calls gave up is FAIL (not counted: another takes its place); any other error is a bug: the trial
+    is FAIL and the worker ends with the error."""
+    beat = Heartbeat(storage, trial._trial_id, storage.get_heartbeat_interval()) if storage else None
+    value, state, bug = None, TrialState.COMPLETE, None
+    if beat:
+        beat.__enter__()
+    try:
+        value = objective_fn(trial)
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except db_errors() as exc:
+        say(f"trial {trial.number}: the database stayed away ({type(exc).__name__}); failed")
+        state = TrialState.FAIL
+    except Exception as exc:
+        state, bug = TrialState.FAIL, exc
+    finally:
+        if beat:
+            beat.__exit__()
+    try:
+        retrying(lambda: study.tell(trial, value, state=state) if state == TrialState.COMPLETE
+                 else study.tell(trial, state=state), f"trial {trial.number}: store its result")
+    except UpdateFinishedTrialError:
+        # Failed meanwhile by another worker (heartbeats lost) and retried there, or stored already
+        # by a first attempt whose answer the restart swallowed.
+        say(f"trial {trial.number}: already finished in the study; this result is not counted again")
+    if bug is not None:
+        raise bug
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -231,15 +300,17 @@ def main() -> int:
     lock = StudyLock(args.storage, args.study)
     lock.acquire()  # one worker at a time makes Optuna's tables and the study; the others join it
     try:
+        storage = retrying(lambda: storage_for(args.storage, args.grace), "open the database")
         study = retrying(lambda: optuna.create_study(
-            study_name=args.study, storage=storage_for(args.storage, args.grace), direction="minimize",
+            study_name=args.study, storage=storage, direction="minimize",
             load_if_exists=True,
             sampler=optuna.samplers.TPESampler(seed=worker),  # different seeds: workers explore differently
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
         ), "open the study")
     finally:
         lock.release()
-    ran = run_worker(study, args.trials, lock, lambda t: objective(t, args.steps, args.step_seconds))
+    ran = run_worker(study, args.trials, lock, lambda t: objective(t, args.steps, args.step_seconds),
+                     storage=storage if isinstance(storage, RDBStorage) else None, grace=args.grace)
     n = counts(study)
     best = study.best_trial if n[TrialState.COMPLETE] else None
     print(f"worker {worker}: ran {ran}; study: {n[TrialState.COMPLETE]} complete, {n[TrialState.PRUNED]} "

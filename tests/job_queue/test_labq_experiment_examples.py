@@ -163,7 +163,11 @@ def test_five_workers_survive_a_postgresql_restart_with_exactly_n_trials(postgre
             pass
         time.sleep(0.2)
     postgres.restart()
-    outs = [p.communicate(timeout=240)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0] * 5, [o[-3000:] for o in outs]
     assert any("database unreachable" in o for o in outs), outs  # the restart did hit the workers
     assert study is not None  # read again below on new connections: the old ones died with the server
