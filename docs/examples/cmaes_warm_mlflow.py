@@ -4,11 +4,14 @@
         python3 cmaes_warm_mlflow.py --source-study lr-search --study lr-cmaes --trials 30
 
 The new study (in your study database, ``LABKIT_STUDY_DB``) starts CMA-ES from what the earlier study
-``--source-study`` learnt (``CmaEsSampler(source_trials=...)``: its complete trials, same parameters),
-e.g. the study of optuna_workers_pg.py. Each trial is one run in the MLflow experiment ``--experiment``
-(default ``<login>-<study>``) with its parameters, one loss per epoch and its final loss. labq gives the
-job ``MLFLOW_TRACKING_URI`` (the portal's /mlflow) and ``MLFLOW_TRACKING_SERVER_CERT_PATH`` (the lab CA);
-MLflow's client reads your login from ``~/.mlflow/credentials`` (``labq credentials``).
+``--source-study`` learnt (``CmaEsSampler(source_trials=...)``: its complete trials, 10 or more, same
+parameters), e.g. the study of optuna_workers_pg.py. To try it alone, ``--warm-trials 20`` first runs 20
+random trials in ``<study>-warm`` (no MLflow runs) and starts from those.
+
+Each trial is one run in the MLflow experiment ``--experiment`` (default ``<login>-<study>``) with its
+parameters, one loss per epoch and its final loss. labq gives the job ``MLFLOW_TRACKING_URI`` (the
+portal's /mlflow) and ``MLFLOW_TRACKING_SERVER_CERT_PATH`` (the lab CA); MLflow's client reads your
+login from ``~/.mlflow/credentials`` (``labq credentials``).
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", default=os.environ.get("LABKIT_STUDY_DB", ""),
                         help="study database URL (default: $LABKIT_STUDY_DB, set by labq)")
-    parser.add_argument("--source-study", required=True, help="the earlier study to warm-start from")
+    parser.add_argument("--source-study", help="the earlier study to warm-start from (default: <study>-warm)")
+    parser.add_argument("--warm-trials", type=int, default=0,
+                        help="first run this many random trials in the earlier study if it has fewer")
     parser.add_argument("--study", required=True, help="the new study's name")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=5)
@@ -67,18 +72,30 @@ def main() -> int:
     if not args.storage:
         parser.error("no study database: run under labq (LABKIT_STUDY_DB) or give --storage")
 
+    if 0 < args.warm_trials < 10:
+        parser.error("--warm-trials must be 10 or more (CMA-ES starts from the best tenth of them)")
     storage = storage_url(args.storage)
-    source = optuna.load_study(study_name=args.source_study, storage=storage)
+    source_name = args.source_study or f"{args.study}-warm"
+    if args.warm_trials:
+        source = optuna.create_study(study_name=source_name, storage=storage, direction="minimize",
+                                     sampler=optuna.samplers.RandomSampler(seed=1), load_if_exists=True)
+        missing = args.warm_trials - len(source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if missing > 0:  # the "earlier" study, without MLflow runs
+            source.optimize(lambda t: train(t.suggest_float("lr", 1e-5, 1e-1, log=True),
+                                            t.suggest_float("dropout", 0.0, 0.5), args.epochs - 1),
+                            n_trials=missing)
+    else:
+        source = optuna.load_study(study_name=source_name, storage=storage)
     warm = source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(warm) < 10:  # CMA-ES's warm start takes the best tenth of them: at least one
-        parser.error(f"study {args.source_study} has {len(warm)} complete trials; warm-starting needs 10+")
+        parser.error(f"study {source_name} has {len(warm)} complete trials; warm-starting needs 10+")
     sampler = optuna.samplers.CmaEsSampler(source_trials=warm, seed=0)
     study = optuna.create_study(study_name=args.study, storage=storage, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     mlflow.set_experiment(args.experiment or f"{getpass.getuser()}-{args.study}")
     study.optimize(make_objective(args.epochs, args.study), n_trials=args.trials)
     best = study.best_trial
-    print(f"{args.study}: warm-started from {len(warm)} trials of {args.source_study}; "
+    print(f"{args.study}: warm-started from {len(warm)} trials of {source_name}; "
           f"best {best.value:.4f} {best.params} (MLflow run {best.user_attrs['mlflow_run_id']})")
     return 0
 

@@ -100,6 +100,14 @@ def test_cmaes_warm_start_logs_every_trial_as_an_mlflow_run(tmp_path: Path,
         assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
         assert run.data.metrics["final_val_loss"] == pytest.approx(t.value)
         assert run.data.tags["optuna.trial"] == str(t.number)
+    # Alone: the earlier study made first (random trials, no MLflow runs); too few for CMA-ES refused.
+    assert run_main(cm, monkeypatch, "--storage", storage, "--study", "demo", "--warm-trials", "12",
+                    "--trials", "3", "--epochs", "2", "--experiment", "alice-demo") == 0
+    assert len(optuna.load_study(study_name="demo-warm", storage=storage).trials) == 12
+    assert len(optuna.load_study(study_name="demo", storage=storage).trials) == 3
+    assert len(mlflow.search_runs(experiment_names=["alice-demo"], output_format="list")) == 3
+    with pytest.raises(SystemExit):
+        run_main(cm, monkeypatch, "--storage", storage, "--study", "few", "--warm-trials", "8")
 
 
 # ---------------------------------------------------------------- a real PostgreSQL, restarted mid-study
