@@ -1,8 +1,9 @@
 """``labq credentials``: the one-time helper that lets a member's jobs reach the study database and MLflow.
 
 It asks the member's LDAP password (never from the command line or the environment), checks it against
-the lab's portal first (an HTTPS request that needs a login, trusting only the portal CA of labq's
-config: a 401 means a wrong password and nothing is written), then writes in the home:
+the lab's portal first (an HTTPS GET of ``<mlflow_tracking_uri>/health``, which needs the portal's login,
+trusting only the portal CA of labq's config: a 401 means a wrong password and nothing is written), then
+writes in the home:
 
 - ``~/.pgpass``: the line ``host:port:*:login:password`` for the study database (libpq escaping); any
   other line of the file is kept, an older line for the same server and login is replaced;
@@ -36,7 +37,7 @@ from typing import TextIO
 
 from .experiments import MLFLOW_CA, MLFLOW_CREDENTIALS, PG_ROOT_CERT, PGPASS, Experiments
 
-CHECK_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+CHECK_PATH = "/health"  # behind the portal's login like all of /mlflow; needs no MLflow permission
 _PEM = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----", re.S)
 _MLFLOW_KEYS = ("mlflow_tracking_username", "mlflow_tracking_password")
 
