@@ -63,8 +63,10 @@ def ssh(
     key: Path = ADMIN_KEY,
     extra: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """A real SSH login from this machine to a lab host (``env``: e.g. an ssh-agent's SSH_AUTH_SOCK)."""
+    """A real SSH login from this machine to a lab host (``env``: e.g. an ssh-agent's SSH_AUTH_SOCK;
+    ``stdin``: what the command reads, e.g. a password for ``--password-stdin``)."""
     return subprocess.run(
         [
             "ssh",
@@ -84,6 +86,7 @@ def ssh(
             f"{user}@{address}",
             *cmd,
         ],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
