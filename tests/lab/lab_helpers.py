@@ -107,7 +107,8 @@ def pinned(constraints: Path, package: str) -> str:
 
 
 def experiment_libs() -> str:
-    """Optuna, psycopg2 and MLflow's client for the lab's job image (Debian 12, python3.11) in the shared
+    """Optuna (with cmaes for its CMA-ES sampler), psycopg2 and MLflow's client for the lab's job image
+    (Debian 12, python3.11) in the shared
     scratch: the versions the lab's services run (the dashboard's Optuna, the server's MLflow), so the
     students' examples run unchanged in a job. Installed once (pip, the machine's index or
     PIP_INDEX_URL's mirror); returns the path jobs see it at."""
@@ -116,7 +117,7 @@ def experiment_libs() -> str:
     defaults = (roles / "mlflow_server" / "defaults" / "main.yml").read_text()
     mlflow = re.search(r'^mlflow_server_version: "([^"]+)"', defaults, re.M)
     assert mlflow, "mlflow_server_version not found"
-    wanted = [f"optuna=={optuna}", f"mlflow-skinny=={mlflow[1]}", "psycopg2-binary==2.9.10"]
+    wanted = [f"optuna=={optuna}", f"mlflow-skinny=={mlflow[1]}", "psycopg2-binary==2.9.10", "cmaes==0.12.0"]
     tree = SCRATCH / ("libs-" + "-".join(w.replace("==", "") for w in wanted))
     if not (tree / "optuna").is_dir():
         tmp = tree.with_suffix(".tmp")
