@@ -330,7 +330,7 @@ class Daemon(StartStop):
                           end_time=info.finished_at or self.clock(),
                           start_time=info.started_at or job.start_time, container_id=cid)
         self.reaper.finish(job, cid)
-        self._notify(job_id)
+        self._notify(job_id, missed_start=job.state == JobState.STARTING)
 
     def reconcile(self) -> None:
         """Match the store against labq-labelled containers after a (re)start or lost event stream

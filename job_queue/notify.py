@@ -208,18 +208,22 @@ class Notifier:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ called by labqd (never blocks)
-    def job_changed(self, job: Job) -> None:
+    def job_changed(self, job: Job, missed_start: bool = False) -> None:
+        """Queue the notice for the job's new state. ``missed_start``: the job ended before labqd
+        recorded it running (a very short job), so its "started" notice goes first if it asked for one."""
         event = event_for(job)
         if event is None or not self.cfg.enabled:
             return
         wanted = job.spec.notify if job.spec.notify is not None else list(self.cfg.default_events)
-        if event not in wanted:
-            return
-        try:
-            self._queue.put_nowait((job.id, event))
-        except queue.Full:
-            log.warning("job %d: notification queue full; %s notice dropped", job.id, event)
-            self.count("queue", "dropped")
+        events = (["started"] if missed_start and event != "started" else []) + [event]
+        for one in events:
+            if one not in wanted:
+                continue
+            try:
+                self._queue.put_nowait((job.id, one))
+            except queue.Full:
+                log.warning("job %d: notification queue full; %s notice dropped", job.id, one)
+                self.count("queue", "dropped")
 
     def start(self) -> None:
         if self._thread is None and self.cfg.enabled:

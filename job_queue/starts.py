@@ -129,12 +129,13 @@ class StartStop:
         except Exception:
             log.exception("job %d: stop failed", job_id)
 
-    def _notify(self, job_id: int) -> None:
+    def _notify(self, job_id: int, missed_start: bool = False) -> None:
         """A job's container ended (or never started): count its outcome and hand it to the notifier
-        (queued; sending never blocks the main loop)."""
+        (queued; sending never blocks the main loop). ``missed_start``: it ran but ended before it was
+        recorded running, so its "started" notice was not sent yet."""
         job = self.store.get(job_id)
         if job is None:
             return
         self.metrics.job_finished(job)
         if self.notifier.cfg.enabled:
-            self.notifier.job_changed(job)
+            self.notifier.job_changed(job, missed_start)

@@ -7,6 +7,7 @@ the machine. An unreachable or hanging receiver never delays the queue; failures
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import socketserver
@@ -231,6 +232,26 @@ def test_notify_option_and_protocol_field() -> None:
         decode_request(json.dumps({**base, "notify": ["paged"]}).encode())
     with pytest.raises(ProtocolError, match="notify: must be a list"):
         decode_request(json.dumps({**base, "notify": "failed"}).encode())
+
+
+def test_a_job_that_ends_before_it_is_recorded_running_still_gets_its_started_notice() -> None:
+    # labqd may see a very short job's exit before its start is recorded (STARTING -> SUCCEEDED):
+    # a job that asked for "started" is told both, in order; one that did not gets only the final notice.
+    from job_queue.models import Job, JobSpec, JobState
+    from job_queue.notify import Notifier
+
+    cfg = parse_config({"gpus": ["g0"], "notify": {"channels": ["webhook"]}}).notify
+    notifier = Notifier(cfg, lambda job_id: None, "gpu-test")  # not started: the queue is only filled
+    spec = JobSpec(user="alice", uid=1000, gid=1000, groups=[], home="/h", cwd="/h", image="i",
+                   command=["true"], notify=["started", "finished"])
+    notifier.job_changed(Job(id=1, spec=spec, state=JobState.SUCCEEDED, submit_time=0.0), missed_start=True)
+    notifier.job_changed(Job(id=2, spec=spec, state=JobState.SUCCEEDED, submit_time=0.0))
+    quiet = dataclasses.replace(spec, notify=["finished"])
+    notifier.job_changed(Job(id=3, spec=quiet, state=JobState.SUCCEEDED, submit_time=0.0), missed_start=True)
+    queued = []
+    while not notifier._queue.empty():
+        queued.append(notifier._queue.get_nowait())
+    assert queued == [(1, "started"), (1, "finished"), (2, "finished"), (3, "finished")]
 
 
 # --------------------------------------------------------------------------- a real labqd
