@@ -1,5 +1,8 @@
 """Log a run with a metric, a parameter and two artifacts (one of 32 MiB) to the MLflow server, then
-read all of it back through the REST API and the artifact proxy; prints one JSON line of what it read."""
+read all of it back through the REST API and the artifact proxy; prints one JSON line of what it read.
+
+As the member named by the second argument: every request carries the login in X-WEBAUTH-USER, as the
+web portal sends it (MLflow's client through a request-header provider of this script)."""
 
 from __future__ import annotations
 
@@ -13,19 +16,31 @@ from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
+from mlflow.tracking.request_header.registry import _request_header_provider_registry
 
-URL = sys.argv[1]
+URL, USER = sys.argv[1], sys.argv[2]
+HEADERS = {"X-WEBAUTH-USER": USER}
+
+
+class PortalLogin(RequestHeaderProvider):
+    def in_context(self) -> bool:
+        return True
+
+    def request_headers(self) -> dict[str, str]:
+        return dict(HEADERS)
 
 
 def get(path: str) -> bytes:
     if not URL.startswith("http://"):
         raise SystemExit(f"not an http:// URL: {URL}")
-    with urllib.request.urlopen(URL + path, timeout=120) as response:  # noqa: S310 (http only, checked)
+    with urllib.request.urlopen(urllib.request.Request(URL + path, headers=HEADERS), timeout=120) as response:  # noqa: S310 (http only, checked)
         body: bytes = response.read()
     return body
 
 
 def main() -> int:
+    _request_header_provider_registry.register(PortalLogin)
     mlflow.set_tracking_uri(URL)
     mlflow.set_experiment("molecule-check")
     big = os.urandom(32 * 1024 * 1024)
