@@ -92,3 +92,17 @@ def test_no_handler_or_task_restarts_services_through_the_shell(role):
     for path in role.rglob("*.yml"):
         text = path.read_text()
         assert not re.search(r"(command|shell):.*systemctl\s+(re)?(start|load)", text), path
+
+
+def test_handler_names_are_unique_across_roles():
+    # Handlers share one namespace per play: two roles' "Reload systemd" meant mlflow_server's notify ran
+    # optuna_dashboard's handler, after mlflow-server had been restarted on its old unit (found in the lab).
+    seen: dict[str, str] = {}
+    for role in ROLES:
+        handlers = role / "handlers" / "main.yml"
+        if not handlers.exists():
+            continue
+        for handler in yaml.safe_load(handlers.read_text()) or []:
+            name = handler["name"]
+            assert name not in seen, f"handler {name!r} is in both {seen[name]} and {role.name}"
+            seen[name] = role.name
