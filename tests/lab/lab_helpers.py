@@ -5,6 +5,7 @@ Imported as `lab_helpers` (a unique module name: several test directories have a
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -130,3 +131,52 @@ def experiment_libs() -> str:
         tmp.rename(tree)
     subprocess.run(["chmod", "-R", "a+rX", str(tree)], check=True)
     return f"/scratch/{tree.name}"
+
+
+PORTAL_ADMIN = ("alice", "lab-portal-admin-pw-1")  # alice is in lab-admins (inventory/lab users.yml)
+
+
+class Portal:
+    """The lab's web portal (https on infra01), logged in as a member, trusting only the portal's lab CA.
+    The member's LDAP password is set as the LDAP admin (the reset-a-password runbook) before the first
+    request and again if the portal says 401, so it does not depend on what another test set it to."""
+
+    def __init__(self, address: str, login: tuple[str, str] = PORTAL_ADMIN) -> None:
+        import tempfile
+
+        import requests
+
+        self.base = f"https://{address}"
+        self.login = login
+        ca = subprocess.run(["docker", "exec", "labkit-infra01", "cat",
+                             "/etc/labkit-portal/tls/labkit-portal-ca.crt"],
+                            capture_output=True, text=True, check=True, timeout=60).stdout
+        with tempfile.NamedTemporaryFile("w", suffix=".crt", delete=False) as f:
+            f.write(ca)
+        self.session = requests.Session()
+        self.session.auth = login
+        self.session.verify = f.name
+        self._set_password()
+
+    def _set_password(self) -> None:
+        user, password = self.login
+        run = subprocess.run(
+            ["docker", "exec", "labkit-infra01", "ldappasswd", "-x", "-H", "ldapi:///", "-D",
+             "cn=admin,dc=lab,dc=test", "-w", "lab-test-only-ldap-admin", "-s", password,
+             f"uid={user},ou=people,dc=lab,dc=test"],
+            capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+
+    def get(self, path: str, **kwargs: object):  # type: ignore[no-untyped-def]
+        # verify on each request: a session's own is overridden by REQUESTS_CA_BUNDLE in the environment.
+        answer = self.session.get(self.base + path, timeout=30, verify=self.session.verify, **kwargs)
+        if answer.status_code == 401:
+            self._set_password()
+            answer = self.session.get(self.base + path, timeout=30, verify=self.session.verify, **kwargs)
+        return answer
+
+
+@functools.cache
+def lab_portal(address: str) -> Portal:
+    """One logged-in Portal per address for the whole session."""
+    return Portal(address)

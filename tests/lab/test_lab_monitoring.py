@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
-from lab_helpers import run_playbook, ssh
+from lab_helpers import Portal, lab_portal, run_playbook, ssh
 from labctl import docker_client, wait_for_systemd
 from mon_dashboards import sources_used, targets
 from mon_sinks import SlackSink
@@ -27,7 +26,13 @@ GPU_NODES = ("gpu01", "gpu02")
 ROLE = {"infra01": "infra", "gpu01": "gpu", "gpu02": "gpu"}
 # Exporter jobs besides `node` and the hosts that run them in the lab (inventory/lab: docker_hosts is
 # gpu_nodes + monitoring_servers; no DCGM without GPUs).
-EXPORTERS = {"cadvisor": HOSTS, "gpu_users": GPU_NODES, "labq": GPU_NODES}
+EXPORTERS = {"cadvisor": HOSTS, "gpu_users": GPU_NODES, "labq": GPU_NODES, "postgres": ("infra01",)}
+# What the blackbox exporter on the portal's host (infra01) probes (the inventory's probes).
+PROBES = {
+    "portal": "https://infra01.lab.test/",
+    "mlflow": "http://127.0.0.1:5000/health",
+    "optuna_dashboard": "http://127.0.0.1:8080/-/healthy",
+}
 # An image with dash and sleep, imported inside gpu01 (no registry); labq's allow-list takes labkit-*.
 SLEEP_IMAGE = "labkit-monsleep:1"
 IMPORT_SLEEP_IMAGE = f"""set -e
@@ -56,14 +61,13 @@ RECEIVER = ("172.30.57.1", 18080)  # monitoring_server_slack_webhook_url in inve
 
 
 @pytest.fixture(scope="module")
-def prometheus(lab: dict[str, Any]) -> str:
-    return f"http://{lab['infra01']['address']}:9090"
+def prometheus(lab: dict[str, Any]) -> Portal:
+    """Prometheus through the web portal, as a lab admin: it listens on infra01's loopback only."""
+    return lab_portal(lab["infra01"]["address"])
 
 
-def query(prometheus: str, expr: str) -> dict[str, Any]:
-    answer: dict[str, Any] = requests.get(
-        f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10
-    ).json()
+def query(prometheus: Portal, expr: str) -> dict[str, Any]:
+    answer: dict[str, Any] = prometheus.get("/prometheus/api/v1/query", params={"query": expr}).json()
     return answer
 
 
@@ -101,6 +105,25 @@ def test_every_exporter_is_scraped_with_readable_labels(prometheus, job):
     assert set(series) == set(EXPORTERS[job])
     for host, labels in series.items():
         assert labels["host"] == host and labels["role"] == ROLE[host], labels
+
+
+def test_the_experiment_services_are_probed_and_the_database_watched(prometheus):
+    # Blackbox probes: every service answers, `instance` is the URL, the portal's certificate (the lab
+    # CA's, trusted by the probe) has its expiry; PostgreSQL is up with each member's connection limit.
+    def probed():
+        result = query(prometheus, 'probe_success{job="blackbox"}')["data"]["result"]
+        found = {r["metric"]["service"]: r for r in result}
+        return found if set(found) == set(PROBES) and all(r["value"][1] == "1" for r in result) else None
+
+    found = wait_until(probed, 120, f"probes of {', '.join(PROBES)} succeeding")
+    for service, series in found.items():
+        assert series["metric"]["instance"] == PROBES[service] and series["metric"]["host"] == "infra01"
+    days = query(prometheus, 'min((probe_ssl_earliest_cert_expiry{service="portal"} - time()) / 86400)')
+    assert 20 < float(days["data"]["result"][0]["value"][1]) < 900, days
+    assert [r["value"][1] for r in query(prometheus, 'pg_up{job="postgres"}')["data"]["result"]] == ["1"]
+    limits = query(prometheus, 'pg_role_connection_limit{job="postgres"}')["data"]["result"]
+    by_role = {r["metric"]["rolname"]: r["value"][1] for r in limits}
+    assert by_role.get("alice") == "20" and by_role.get("postgres_exporter") == "5", by_role
 
 
 def test_gpu_user_exporter_says_no_gpu_and_keeps_running(prometheus, host_exec):
@@ -234,7 +257,7 @@ def test_bad_exporter_input_is_refused_before_any_change(lab, host_exec, playboo
 
 
 def test_rules_are_loaded_with_the_labs_values(prometheus):
-    groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    groups = prometheus.get("/prometheus/api/v1/rules").json()["data"]["groups"]
     rules = {r["name"]: r for g in groups for r in g["rules"]}
     assert rules["NodeDown"]["duration"] == 30
     assert all(r["health"] == "ok" for r in rules.values()), [

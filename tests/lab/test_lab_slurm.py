@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from lab_helpers import run_playbook, ssh
+from lab_helpers import lab_portal, run_playbook, ssh
 from mon_sinks import SlackSink
 from test_lab_mail import arrived, sink
 from test_lab_monitoring import query
@@ -252,7 +252,7 @@ def test_job_notices_reach_the_owner_by_mail_and_the_labs_slack(slurm, lab, sink
 
 def prom(lab, expr: str) -> dict[str, float]:
     """A PromQL query at the lab's Prometheus: {labels as text: value}."""
-    answer = query(f"http://{lab['infra01']['address']}:9090", expr)
+    answer = query(lab_portal(lab["infra01"]["address"]), expr)
     return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in answer["data"]["result"]}
 
 
