@@ -65,6 +65,7 @@ class Browser:
         self._ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30)
         self._id = 0
         self._credentials: tuple[str, str] | None = None
+        self._answered: set[str] = set()  # URLs the login dialog was answered for
         self.auth_prompts = 0
         self._call("Page.enable")
         self._call("Fetch.enable", handleAuthRequests=True, patterns=[{"urlPattern": "*"}])
@@ -80,10 +81,14 @@ class Browser:
             self._send("Fetch.continueRequest", requestId=params["requestId"])
         elif method == "Fetch.authRequired":
             self.auth_prompts += 1
-            if self._credentials is None:
+            url = params.get("request", {}).get("url", "")
+            if self._credentials is None or url in self._answered:
+                # No login, or the portal refused it once for this page: cancel the dialog as a person
+                # would (Chromium then shows the 401 page; answering again ends in ERR_TOO_MANY_RETRIES).
                 response = {"response": "CancelAuth"}
             else:
                 user, password = self._credentials
+                self._answered.add(url)
                 response = {"response": "ProvideCredentials", "username": user, "password": password}
             self._send("Fetch.continueWithAuth", requestId=params["requestId"],
                        authChallengeResponse=response)
@@ -116,6 +121,7 @@ class Browser:
     def login(self, user: str | None, password: str | None = None) -> None:
         """What the login dialog will be answered with (None: the dialog is cancelled)."""
         self._credentials = None if user is None else (user, password or "")
+        self._answered.clear()
 
     def open(self, url: str) -> None:
         self._call("Page.navigate", url=url)

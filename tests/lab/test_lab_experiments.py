@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import requests
-from lab_helpers import REPO, run_playbook
+from lab_helpers import PORTAL_ADMIN, REPO, run_playbook
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ NAME = "infra01.lab.test"  # the portal's server name (web_portal_server_name)
 BASE = "dc=lab,dc=test"
 # Test-only values (inventory/lab/group_vars/all/vault_test.yml) and the members' passwords this module sets.
 ADMIN_PW = "lab-test-only-ldap-admin"
-PASSWORDS = {"alice": "alice-exp-pw-1", "bob": "bob-exp-pw-1"}
+PASSWORDS = {"alice": PORTAL_ADMIN[1], "bob": "bob-exp-pw-1"}  # alice: what lab_helpers.Portal sets too
 ARTIFACTS = REPO / ".lab" / "artifacts"
 
 
@@ -86,6 +86,25 @@ def test_members_reach_their_services_and_only_admins_reach_monitoring(members, 
     assert portal("/alertmanager/-/ready", "alice").status_code == 200
     assert portal("/prometheus/-/ready", "bob").status_code in (401, 403)
     assert portal("/alertmanager/api/v2/silences", "bob").status_code in (401, 403)
+
+
+def test_monitoring_is_closed_on_the_network_and_an_anonymous_silence_is_refused(
+        lab, members, portal, host_exec):
+    # The issue's finding: from a GPU node (every student has a shell there) Alertmanager took an
+    # anonymous silence. Now Prometheus and Alertmanager listen on loopback only, and through the portal
+    # a silence needs a lab-admins login.
+    address = lab[HOST]["address"]
+    for port in (9090, 9093):
+        tried = host_exec("gpu01", "bash", "-c", f"exec 3<>/dev/tcp/{address}/{port}")
+        assert tried.returncode != 0, f"{address}:{port} is open to gpu01"
+    silence = {"matchers": [{"name": "alertname", "value": "NodeDown", "isRegex": False}],
+               "startsAt": "2026-01-01T00:00:00Z", "endsAt": "2099-01-01T00:00:00Z",
+               "createdBy": "anonymous", "comment": "test"}
+    for user in (None, "bob"):
+        answer = portal("/alertmanager/api/v2/silences", user, method="POST", json=silence)
+        assert answer.status_code in (401, 403), (user, answer.status_code)
+    listed = portal("/alertmanager/api/v2/silences", "alice")
+    assert listed.status_code == 200 and not [s for s in listed.json() if s["createdBy"] == "anonymous"]
 
 
 def test_http_redirects_to_https(lab):

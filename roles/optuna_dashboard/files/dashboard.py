@@ -4,7 +4,8 @@ The storage URL comes from OPTUNA_DASHBOARD_STORAGE (no password in it: libpq re
 ``{login}`` in it, every member sees their own database: the login is the one the web portal puts in the
 header named by OPTUNA_DASHBOARD_USER_HEADER (the portal drops any copy a client sends, and this server
 listens on loopback only). A request without that header, or with a login that is not a plain account
-name, gets 403. Without ``{login}`` every request reads the one database.
+name, gets 403. Without ``{login}`` every request reads the one database. ``/-/healthy`` answers 200
+without a login (the blackbox probe: the server is up).
 
 The dashboard's database role may only read, so Optuna is told not to make tables, and a member's storage
 is opened at their first request that finds Optuna's tables: until they made a study, their requests get
@@ -26,6 +27,7 @@ from optuna.exceptions import StorageInternalError
 from sqlalchemy.exc import SQLAlchemyError
 
 App = Callable[..., Iterable[bytes]]
+HEALTH_PATH = "/-/healthy"
 LOGIN = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 KEEP = 64  # members' dashboards kept open at once (least recently used closed first)
 
@@ -48,6 +50,8 @@ def _answer(start_response: Callable[..., Any], status: str, line: str) -> list[
 
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    if environ.get("PATH_INFO") == HEALTH_PATH:  # for the blackbox probe: the server answers, no login
+        return _answer(start_response, "200 OK", "ok")
     template = os.environ["OPTUNA_DASHBOARD_STORAGE"]
     login = ""
     if "{login}" in template:
