@@ -16,7 +16,7 @@ export LABKIT_ROOT := $(ROOT)
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 
 .PHONY: help host venv lab lab-image lab-infra lab-up lab-converge lab-status lab-down \
-        test quick lint unit promtool-test pytest-docker e2e lab-job-image docker-then-molecule molecule molecule-% test-nfs-vm bench gpu-check clean
+        test quick lint unit promtool-test pytest-docker e2e e2e-workflows lab-job-image checks-then-molecule molecule molecule-% test-nfs-vm bench gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -64,15 +64,19 @@ lab-down: venv ## remove the lab (keeps the image and the apt cache)
 	$(LABCTL) down
 
 # ------------------------------------------------------------------------------------------ tests
-# The lab's chain (converge, end-to-end checks) and the other Docker chain (labqd/exporter tests, then the
-# molecule scenarios) run side by side: they share only the lab network and the apt proxy, and much of
-# each is waiting on apt, systemd and SSH. The lab's hosts start first, so they take their fixed
-# addresses before molecule's instances take theirs (from the network's dynamic range).
-test: lint unit ## everything CI runs: lint, unit, then lab end-to-end beside Docker tests and molecule
+# The lab's chain (converge, end-to-end checks) and the other chain (linters and unit tests, the
+# labqd/exporter Docker tests, then the molecule scenarios) run side by side: they share only the lab
+# network and the apt proxy, and much of each is waiting on apt, systemd and SSH. The lab's chain is the
+# longer one (about 58 of CI's 63 minutes when the linters ran first), so nothing runs before it but
+# starting the lab's hosts, which take their fixed addresses before molecule's instances take theirs
+# (from the network's dynamic range). `make quick` is the fast loop that fails early on lint.
+test: venv ## everything CI runs: lab end-to-end beside lint, unit, the Docker tests and molecule
 	$(MAKE) --no-print-directory lab-up
-	$(MAKE) --no-print-directory -j2 e2e docker-then-molecule
+	$(MAKE) --no-print-directory -j2 e2e checks-then-molecule
 
-docker-then-molecule: ## the Docker tests, then every molecule scenario (the half of `make test` beside e2e)
+checks-then-molecule: ## lint, unit, the Docker tests, then every molecule scenario (the half of `make test` beside e2e)
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory unit
 	$(MAKE) --no-print-directory pytest-docker
 	$(MAKE) --no-print-directory molecule
 
@@ -98,8 +102,11 @@ promtool-test: venv ## the alert rules rendered with monitoring_server's default
 pytest-docker: host venv ## tests that drive a real Docker engine (labqd, exporters)
 	pytest -m "docker and not lab"
 
-e2e: lab ## end-to-end checks against the converged lab
-	pytest -m lab
+e2e: lab ## end-to-end checks against the converged lab (the 25 slowest listed at the end)
+	pytest -m "lab and not workflow" --durations=25
+
+e2e-workflows: lab ## not in `make test`: the students' experiment workflows in the lab (about 15 min)
+	pytest -m "lab and workflow" --durations=10
 
 MOLECULE_JOBS ?= 2
 molecule: lab-infra ## every role's molecule scenario (converge, idempotence, verify), MOLECULE_JOBS at once

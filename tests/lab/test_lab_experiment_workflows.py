@@ -4,6 +4,10 @@ in the lab, against the real PostgreSQL, MLflow and Optuna dashboard on infra01,
 alice stores her login once per node with `labq credentials` (the lab's homes are local to each node; a
 real lab's are on NFS, once is enough), then submits the examples unchanged. The module switches the GPU
 nodes to ``job_queue_scheduler=slurm`` (test_lab_labq_slurm's fixture) and back afterwards.
+
+The three workflows themselves (five workers across a database restart, CMA-ES with MLflow, the grid
+and the browser; marker ``workflow``) take minutes each and run with ``make e2e-workflows``, not in
+``make test``; the credentials checks run in both.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def trial_states(host_exec, study: str) -> dict[str, int]:
     return {state: int(n) for state, n in rows}
 
 
+@pytest.mark.workflow
 def test_five_workers_share_one_study_and_survive_a_database_restart(lab, credentials, libs, workdir,
                                                                      host_exec):
     """--array 0-4: five workers on both nodes, one PostgreSQL study, a median pruner; PostgreSQL is
@@ -145,6 +150,7 @@ def mlflow(portal, user: str, endpoint: str, **body) -> dict:
     return answer.json()
 
 
+@pytest.mark.workflow
 def test_cma_es_warm_started_every_trial_an_mlflow_run_and_bob_cannot_delete_it(
         lab, credentials, libs, workdir, host_exec, portal):
     """CMA-ES warm-started from an earlier study's trials, each trial logged as an MLflow run through the
@@ -173,6 +179,7 @@ def test_cma_es_warm_started_every_trial_an_mlflow_run_and_bob_cannot_delete_it(
     assert again["experiment"]["lifecycle_stage"] == "active"
 
 
+@pytest.mark.workflow
 def test_grid_sweep_with_a_concurrency_limit_shows_in_her_dashboard(lab, credentials, libs, workdir,
                                                                    host_exec, portal):
     """A grid sweep as --array 0-7%2: never more than two tasks at once, every grid point once, and the
