@@ -7,7 +7,7 @@ ROOT      := $(abspath .)
 VENV      := $(ROOT)/.venv
 BIN       := $(VENV)/bin
 PY        := $(BIN)/python
-LABCTL    := $(PY) tests/lab/labctl.py
+LABCTL    := $(PY) tools/labctl.py
 LAB_INV   := inventory/lab
 ROLES_WITH_MOLECULE := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
 
@@ -23,7 +23,7 @@ help: ## list the targets
 
 # ------------------------------------------------------------------------------------------ setup
 host: ## apt packages (requirements/apt-host.txt) and a running dockerd on this machine
-	tests/lab/host-setup.sh
+	tools/labkit_lab/host-setup.sh
 
 $(BIN)/ansible-playbook: requirements/dev.txt requirements/constraints.txt pyproject.toml
 	python3 -m venv $(VENV)

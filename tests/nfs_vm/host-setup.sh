@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What `make test-nfs-vm` needs on this machine beyond `make host` (tests/lab/host-setup.sh): QEMU and the
+# What `make test-nfs-vm` needs on this machine beyond `make host` (tools/labkit_lab/host-setup.sh): QEMU and the
 # tools that build the VM disk. Installed on demand (not in requirements/apt-host.txt: CI does not run the
 # scenario). Quick when all is there.
 set -euo pipefail

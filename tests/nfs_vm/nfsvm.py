@@ -51,8 +51,8 @@ ADMIN = "labadmin"
 SSH_WAIT_S = float(os.environ.get("LABKIT_NFS_VM_SSH_WAIT", "420"))
 MEMORY_MB = int(os.environ.get("LABKIT_NFS_VM_MEMORY", "1024"))
 
-sys.path.insert(0, str(REPO / "tests" / "lab"))
-import labctl  # noqa: E402  (the lab's Debian mirror discovery: one rule for both)
+sys.path.insert(0, str(REPO / "tools"))
+from labkit_lab.common import host_debian_mirror  # noqa: E402  (one mirror rule for both)
 
 
 @dataclass(frozen=True)
@@ -136,13 +136,13 @@ def proxy_up() -> bool:
 def build_image(force: bool = False) -> Path:
     """Build (or reuse) the VM image; returns its directory (base.qcow2, vmlinuz, initrd.img)."""
     require_tools()
-    mirror = labctl.host_debian_mirror()
+    mirror = host_debian_mirror()
     target = IMAGES / recipe_hash(mirror)
     if (target / "base.qcow2").exists() and not force:
         log(f"image {target.relative_to(REPO)} is up to date")
         return target
     if not proxy_up():
-        sys.exit(f"nfsvm: no apt proxy on {PROXY[0]}:{PROXY[1]}: run `tests/lab/labctl.py infra` first")
+        sys.exit(f"nfsvm: no apt proxy on {PROXY[0]}:{PROXY[1]}: run `tools/labctl.py infra` first")
     IMAGES.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=IMAGES))
     rootfs = work / "rootfs"
