@@ -1,8 +1,10 @@
 """What the lab and the NFS VMs share: the repository's paths, the Debian suite and mirror, the apt
-proxy's port and the admin SSH keys."""
+proxy's port, the admin SSH keys and the image recipe (a flavour for each)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -42,3 +44,48 @@ def ssh_keypair(key: Path, comment: str) -> Path:
         keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)]
         subprocess.run(keygen, check=True)
     return key
+
+
+# --------------------------------------------------------------------------- the image recipe
+# One recipe (image/packages.txt, image/customize.sh) for both kinds of machine, told apart by a flavour:
+# "container" (the lab's node image) or "vm" (the NFS scenario's QEMU disk).
+RECIPE = PACKAGE / "image"
+FLAVOURS = ("container", "vm")
+
+
+def image_packages(flavour: str) -> list[str]:
+    """The packages debootstrap adds for `flavour`: packages.txt's lines for both flavours and its own."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown image flavour {flavour!r} (one of {', '.join(FLAVOURS)})")
+    packages = []
+    for line in (RECIPE / "packages.txt").read_text().splitlines():
+        name, *flavours = line.split("#")[0].split() or [""]
+        if name and (not flavours or flavour in flavours):
+            packages.append(name)
+    return packages
+
+
+def recipe_digest(flavour: str, *extra: str) -> str:
+    """A hash of what a `flavour` image is built from (its packages, customize.sh, the suite, `extra`):
+    the same digest means the same image, so a cached one is reused."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([flavour, SUITE, image_packages(flavour)]).encode())
+    digest.update((RECIPE / "customize.sh").read_bytes())
+    for part in extra:
+        digest.update(part.encode())
+    return digest.hexdigest()[:12]
+
+
+def bootstrap_rootfs(flavour: str, rootfs: Path, mirror: str, *args: str, http_proxy: str = "") -> None:
+    """debootstrap Debian (minbase and the flavour's packages) into `rootfs`, then customize.sh with
+    `args` after the flavour's usual ones; downloads through `http_proxy` when one is given."""
+    env = dict(os.environ, http_proxy=http_proxy) if http_proxy else None
+    include = f"--include={','.join(image_packages(flavour))}"
+    subprocess.run(
+        ["debootstrap", "--variant=minbase", include, SUITE, str(rootfs), mirror],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    customize = RECIPE / "customize.sh"
+    subprocess.run(["bash", str(customize), flavour, str(rootfs), mirror, SUITE, *args], check=True)

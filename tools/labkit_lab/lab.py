@@ -21,7 +21,16 @@ from typing import Any
 
 import yaml
 
-from labkit_lab.common import PACKAGE, PROXY_PORT, REPO, SUITE, host_debian_mirror, ssh_keypair
+from labkit_lab.common import (
+    PACKAGE,
+    PROXY_PORT,
+    REPO,
+    SUITE,
+    bootstrap_rootfs,
+    host_debian_mirror,
+    recipe_digest,
+    ssh_keypair,
+)
 
 CACHE = Path(os.environ.get("LABKIT_CACHE", "/var/cache/labkit"))
 IMAGE_REPO = "labkit/node"
@@ -111,21 +120,8 @@ def docker_client() -> Any:
 
 
 # --------------------------------------------------------------------------- image
-def recipe_files() -> list[Path]:
-    return [PACKAGE / "image" / "packages.txt", PACKAGE / "image" / "customize.sh"]
-
-
-def image_packages() -> list[str]:
-    text = (PACKAGE / "image" / "packages.txt").read_text()
-    return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
-
-
 def image_tag() -> str:
-    digest = hashlib.sha256()
-    for path in recipe_files():
-        digest.update(path.read_bytes())
-    digest.update(SUITE.encode())
-    return f"{IMAGE_REPO}:debian12-{digest.hexdigest()[:12]}"
+    return f"{IMAGE_REPO}:debian12-{recipe_digest('container')}"
 
 
 def build_image(force: bool = False) -> str:
@@ -142,19 +138,7 @@ def build_image(force: bool = False) -> str:
         shutil.rmtree(rootfs)
     CACHE.mkdir(parents=True, exist_ok=True)
     log(f"debootstrap {SUITE} from {mirror} (about a minute)")
-    subprocess.run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={','.join(image_packages())}",
-            SUITE,
-            str(rootfs),
-            mirror,
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    subprocess.run(["bash", str(PACKAGE / "image" / "customize.sh"), str(rootfs), mirror, SUITE], check=True)
+    bootstrap_rootfs("container", rootfs, mirror)
     log(f"docker import -> {tag}")
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
     changes = ['CMD ["/sbin/init"]', "ENV container=docker"]  # stop signal: set at run time
