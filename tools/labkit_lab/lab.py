@@ -426,29 +426,21 @@ def status(as_json: bool = False) -> None:
     )
 
 
-# Services labkit's roles may start; `status` lists those active on each host.
-WATCHED_SERVICES = (
-    "ssh",
-    "chrony",
-    "slapd",
-    "sssd",
-    "postfix",
-    "docker",
-    "prometheus",
-    "prometheus-alertmanager",
-    "prometheus-node-exporter",
-    "labqd",
-    "munge",
-    "slurmctld",
-    "slurmdbd",
-    "slurmd",
-)
+# Services labkit's roles start; `status` lists those active on each host (rebuild-node.yml's health
+# summary reads the same file).
+WATCHED_SERVICES_FILE = PACKAGE / "watched-services.yml"
+
+
+def watched_services() -> list[str]:
+    services: list[str] = yaml.safe_load(WATCHED_SERVICES_FILE.read_text())["labkit_watched_services"]
+    return services
 
 
 def running_services(container: Any) -> list[str]:
-    _, out = container.exec_run(["systemctl", "is-active", *WATCHED_SERVICES])
+    watched = watched_services()
+    _, out = container.exec_run(["systemctl", "is-active", *watched])
     states = out.decode().split()
-    return [svc for svc, state in zip(WATCHED_SERVICES, states, strict=False) if state == "active"]
+    return [svc for svc, state in zip(watched, states, strict=False) if state == "active"]
 
 
 def slurm_cgroups(names: list[str], root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
