@@ -17,17 +17,14 @@ Sub-commands (``make lab`` and friends call these; the work is done in labkit_la
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from labkit_lab import lab
+from labkit_lab.common import command_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="labctl", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    img = sub.add_parser("image", help="build or reuse the node image")
-    img.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
+    parser, sub = command_parser("labctl", __doc__, "build or reuse the node image")
     sub.add_parser("infra", help="lab network and apt proxy")
     sub.add_parser(
         "images", help="build the lab's service images (Prometheus, Alertmanager, cAdvisor) and archives"

@@ -14,17 +14,14 @@ labkit_lab.nfs_vm):
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from labkit_lab import nfs_vm
+from labkit_lab.common import command_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nfsvm", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    img = sub.add_parser("image", help="build or reuse the VM image")
-    img.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
+    parser, sub = command_parser("nfsvm", __doc__, "build or reuse the VM image")
     sub.add_parser("up", help="boot both VMs and write .lab/nfs-vm/hosts.yml")
     sub.add_parser("converge", help="run converge.yml on the running VMs")
     sub.add_parser("down", help="power the VMs off")

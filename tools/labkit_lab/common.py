@@ -3,6 +3,7 @@ proxy's port, the admin SSH keys and the image recipe (a flavour for each)."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = Path(__file__).resolve().parent
@@ -89,3 +91,14 @@ def bootstrap_rootfs(flavour: str, rootfs: Path, mirror: str, *args: str, http_p
     )
     customize = RECIPE / "customize.sh"
     subprocess.run(["bash", str(customize), flavour, str(rootfs), mirror, SUITE, *args], check=True)
+
+
+# --------------------------------------------------------------------------- front-ends
+def command_parser(prog: str, doc: str | None, image_help: str) -> tuple[argparse.ArgumentParser, Any]:
+    """A front-end's parser and its sub-commands, the first being `image [--force]` (both front-ends build
+    or reuse an image of the recipe); the caller adds the others."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0] if doc else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    img = sub.add_parser("image", help=image_help)
+    img.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
+    return parser, sub
