@@ -7,7 +7,7 @@ ROOT      := $(abspath .)
 VENV      := $(ROOT)/.venv
 BIN       := $(VENV)/bin
 PY        := $(BIN)/python
-LABCTL    := $(PY) tests/lab/labctl.py
+LABCTL    := $(PY) tools/labctl.py
 LAB_INV   := inventory/lab
 ROLES_WITH_MOLECULE := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
 
@@ -23,7 +23,7 @@ help: ## list the targets
 
 # ------------------------------------------------------------------------------------------ setup
 host: ## apt packages (requirements/apt-host.txt) and a running dockerd on this machine
-	tests/lab/host-setup.sh
+	tools/labkit_lab/host-setup.sh
 
 $(BIN)/ansible-playbook: requirements/dev.txt requirements/constraints.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -118,9 +118,9 @@ molecule-%: lab-infra ## one role's molecule scenario, e.g. make molecule-common
 	  echo "==> molecule-$*: passed in $$(( $$(date +%s) - start )) s"
 
 test-nfs-vm: host venv ## opt-in, not in `make test`: the NFS roles on two QEMU VMs with real kernel NFS (~11 min)
-	tests/nfs_vm/host-setup.sh
+	tools/labkit_lab/host-setup.sh nfs-vm
 	$(LABCTL) infra
-	$(PY) tests/nfs_vm/nfsvm.py image
+	$(PY) tools/nfsvm.py image
 	pytest -m nfs_vm -s --durations=0 tests/nfs_vm
 
 bench: venv ## benchmarks: print ratios measured in one run (not part of `make test`)

@@ -20,9 +20,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "lab"), str(REPO / "tests" / "monitoring")]
+sys.path[:0] = [str(REPO / "tools"), str(REPO / "tests" / "monitoring")]
 
-from labctl import docker_client, wait_for_systemd  # noqa: E402
+from labkit_lab.lab import docker_client, wait_for_systemd  # noqa: E402
 from mon_sinks import SlackSink  # noqa: E402
 
 SETTINGS = REPO / "inventory" / "lab" / "group_vars" / "monitoring_servers" / "monitoring.yml"

@@ -22,7 +22,7 @@ def lab() -> dict[str, Any]:
     if not (LAB_INVENTORY / "hosts.yml").exists():
         pytest.fail("the lab is not up: run `make lab` first (make e2e does)")
     out = subprocess.run(
-        [sys.executable, "tests/lab/labctl.py", "status", "--json"],
+        [sys.executable, "tools/labctl.py", "status", "--json"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -45,7 +45,7 @@ def second_run(lab: dict[str, Any]) -> PlaybookRun:
 @pytest.fixture(scope="session")
 def job_image(second_run) -> str:
     """The lab's job image on the GPU nodes (`make lab-job-image`; loaded if `make lab` did not)."""
-    out = subprocess.run([sys.executable, "tests/lab/labctl.py", "job-image"], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "tools/labctl.py", "job-image"], cwd=REPO, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     return "labkit-job:1"

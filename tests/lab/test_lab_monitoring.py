@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from lab_helpers import Portal, lab_portal, run_playbook, ssh
-from labctl import docker_client, wait_for_systemd
+from labkit_lab.lab import docker_client, wait_for_systemd
 from mon_dashboards import sources_used, targets
 from mon_sinks import SlackSink
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Generator
 
-import nfsvm
 import pytest
+from labkit_lab import nfs_vm
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -13,7 +13,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     if report.failed and item.get_closest_marker("nfs_vm") is not None:
-        for vm in nfsvm.VMS:
+        for vm in nfs_vm.VMS:
             report.sections.append(
-                (f"serial console of {vm.name}", nfsvm.tail(nfsvm.RUN / f"{vm.name}.serial.log", 60))
+                (f"serial console of {vm.name}", nfs_vm.tail(nfs_vm.RUN / f"{vm.name}.serial.log", 60))
             )

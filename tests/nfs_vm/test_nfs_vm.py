@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import nfsvm
 import pytest
 from lab_helpers import PlaybookRun
+from labkit_lab import nfs_vm
 
 pytestmark = [pytest.mark.nfs_vm, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -30,23 +30,23 @@ def log(msg: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def vms() -> Iterator[dict[str, nfsvm.RunningVm]]:
+def vms() -> Iterator[dict[str, nfs_vm.RunningVm]]:
     """Both VMs booted on fresh overlays of the cached image; powered off (or killed) afterwards."""
-    image = nfsvm.build_image()
+    image = nfs_vm.build_image()
     started = time.monotonic()
     try:
-        running = nfsvm.up(image)
+        running = nfs_vm.up(image)
         log(f"both VMs answer ssh after {time.monotonic() - started:.0f}s")
         yield {vm.name: vm for vm in running}
     finally:
-        nfsvm.down()
+        nfs_vm.down()
 
 
 @pytest.fixture(scope="module")
-def converged(vms: dict[str, nfsvm.RunningVm]) -> PlaybookRun:
+def converged(vms: dict[str, nfs_vm.RunningVm]) -> PlaybookRun:
     """The first converge of fresh VMs: it must succeed on both and change them."""
     started = time.monotonic()
-    rc, output = nfsvm.run_playbook(echo=True)
+    rc, output = nfs_vm.run_playbook(echo=True)
     run = PlaybookRun(rc, output)
     log(f"first converge: rc {rc} in {time.monotonic() - started:.0f}s, recap {run.recap()}")
     assert rc == 0, output[-6000:]
@@ -55,18 +55,18 @@ def converged(vms: dict[str, nfsvm.RunningVm]) -> PlaybookRun:
 
 
 @pytest.fixture(scope="module")
-def server(vms: dict[str, nfsvm.RunningVm], converged: PlaybookRun) -> nfsvm.RunningVm:
-    return vms[nfsvm.SERVER.name]
+def server(vms: dict[str, nfs_vm.RunningVm], converged: PlaybookRun) -> nfs_vm.RunningVm:
+    return vms[nfs_vm.SERVER.name]
 
 
 @pytest.fixture(scope="module")
-def client(vms: dict[str, nfsvm.RunningVm], converged: PlaybookRun) -> nfsvm.RunningVm:
-    return vms[nfsvm.CLIENT.name]
+def client(vms: dict[str, nfs_vm.RunningVm], converged: PlaybookRun) -> nfs_vm.RunningVm:
+    return vms[nfs_vm.CLIENT.name]
 
 
-def sh(vm: nfsvm.RunningVm, command: str) -> str:
+def sh(vm: nfs_vm.RunningVm, command: str) -> str:
     """Run a command as labadmin (sudo inside for root or alice) and return its stdout; it must succeed."""
-    out = nfsvm.vm_ssh(vm, command)
+    out = nfs_vm.vm_ssh(vm, command)
     assert out.returncode == 0, f"{vm.name}: {command}: rc {out.returncode}\n{out.stdout}\n{out.stderr}"
     return out.stdout.strip()
 
@@ -76,28 +76,28 @@ def test_first_converge_changed_both_vms(converged: PlaybookRun) -> None:
     assert all(counts["changed"] > 0 and counts["failed"] == 0 for counts in recap.values()), recap
 
 
-def test_server_exports_with_root_squash_to_the_private_link_only(server: nfsvm.RunningVm) -> None:
+def test_server_exports_with_root_squash_to_the_private_link_only(server: nfs_vm.RunningVm) -> None:
     exports = sh(server, "sudo exportfs -v")
     lines = " ".join(exports.split())
     for path in ("/home", "/srv/data"):
-        assert f"{path} {nfsvm.PRIVATE_NET}(" in lines, exports
+        assert f"{path} {nfs_vm.PRIVATE_NET}(" in lines, exports
     assert "root_squash" in exports and "no_root_squash" not in exports, exports
     assert sh(server, "systemctl is-active nfs-server") == "active"
 
 
-def test_alices_home_is_mounted_over_nfs4_from_the_server(client: nfsvm.RunningVm) -> None:
+def test_alices_home_is_mounted_over_nfs4_from_the_server(client: nfs_vm.RunningVm) -> None:
     # autofs mounts it when used: a listing is a use.
     sh(client, f"ls -ln {HOME} >/dev/null 2>&1 || true")
     mounts = sh(client, f"findmnt -n -t nfs4 -o SOURCE,TARGET,FSTYPE,OPTIONS {HOME}")
     source, target, fstype, options = mounts.split()
-    assert source in (f"{nfsvm.SERVER.name}:{HOME}", f"{nfsvm.SERVER.address}:{HOME}"), mounts
+    assert source in (f"{nfs_vm.SERVER.name}:{HOME}", f"{nfs_vm.SERVER.address}:{HOME}"), mounts
     assert (target, fstype) == (HOME, "nfs4"), mounts
     assert "hard" in options.split(","), mounts
-    assert f"addr={nfsvm.SERVER.address}" in options, mounts
+    assert f"addr={nfs_vm.SERVER.address}" in options, mounts
 
 
 def test_a_file_alice_made_on_the_server_is_hers_on_the_client(
-    server: nfsvm.RunningVm, client: nfsvm.RunningVm
+    server: nfs_vm.RunningVm, client: nfs_vm.RunningVm
 ) -> None:
     # The home the role made: alice's, mode 0700, group lab-members.
     assert sh(server, f"stat -c '%u %g %a' {HOME}") == f"{ALICE_UID} {MEMBERS_GID} 700"
@@ -111,19 +111,19 @@ def test_a_file_alice_made_on_the_server_is_hers_on_the_client(
 
 
 def test_a_file_alice_writes_on_the_client_lands_on_the_server_as_hers(
-    server: nfsvm.RunningVm, client: nfsvm.RunningVm
+    server: nfs_vm.RunningVm, client: nfs_vm.RunningVm
 ) -> None:
     sh(client, f"sudo -u alice sh -c 'echo written on the client > {HOME}/from-client.txt'")
     assert sh(server, f"sudo stat -c '%u %g' {HOME}/from-client.txt") == f"{ALICE_UID} {MEMBERS_GID}"
     assert sh(server, f"sudo cat {HOME}/from-client.txt") == "written on the client"
 
 
-def test_root_on_the_client_cannot_write_as_root(server: nfsvm.RunningVm, client: nfsvm.RunningVm) -> None:
+def test_root_on_the_client_cannot_write_as_root(server: nfs_vm.RunningVm, client: nfs_vm.RunningVm) -> None:
     # alice's home is 0700: root on the client is nobody on the server, and nobody may not enter it.
-    denied = nfsvm.vm_ssh(client, f"sudo touch {HOME}/written-by-root")
+    denied = nfs_vm.vm_ssh(client, f"sudo touch {HOME}/written-by-root")
     assert denied.returncode != 0, denied
     assert "Permission denied" in denied.stderr, denied.stderr
-    denied = nfsvm.vm_ssh(client, f"sudo ls {HOME}")
+    denied = nfs_vm.vm_ssh(client, f"sudo ls {HOME}")
     assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
     assert sh(server, f"sudo test -e {HOME}/written-by-root && echo there || echo absent") == "absent"
     # Where anyone may write, root's file is nobody's on the server, never root's.
@@ -132,7 +132,7 @@ def test_root_on_the_client_cannot_write_as_root(server: nfsvm.RunningVm, client
     assert sh(client, f"findmnt -n -t nfs4 -o TARGET --target {SCRATCH_CLIENT}") == "/data"
 
 
-def test_the_home_probe_sees_the_nfs_home(client: nfsvm.RunningVm) -> None:
+def test_the_home_probe_sees_the_nfs_home(client: nfs_vm.RunningVm) -> None:
     """labkit-nfs-home-probe (alert NfsHomeNotMounted) reports the home area up on a real NFS mount."""
     sh(client, "sudo systemctl start labkit-nfs-home-probe.service")
     metrics = sh(client, "cat /var/lib/prometheus/node-exporter/labkit_nfs_home.prom")
@@ -140,9 +140,9 @@ def test_the_home_probe_sees_the_nfs_home(client: nfsvm.RunningVm) -> None:
     assert samples and all(line.endswith(" 1") for line in samples), metrics
 
 
-def test_a_second_converge_changes_nothing(vms: dict[str, nfsvm.RunningVm], converged: PlaybookRun) -> None:
+def test_a_second_converge_changes_nothing(vms: dict[str, nfs_vm.RunningVm], converged: PlaybookRun) -> None:
     started = time.monotonic()
-    rc, output = nfsvm.run_playbook(echo=True)
+    rc, output = nfs_vm.run_playbook(echo=True)
     log(f"second converge: rc {rc} in {time.monotonic() - started:.0f}s")
     assert rc == 0, output[-6000:]
     PlaybookRun(rc, output).assert_changed_nothing(set(vms))

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import labctl
+import labkit_lab.lab
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,8 +81,8 @@ def test_the_example_and_the_local_lab_have_the_same_groups(
     """The lab's inventory as `make lab` leaves it: a copy beside a hosts.yml from labctl's own writer."""
     lab = tmp_path / "inventory" / "lab"
     shutil.copytree(REPO / "inventory" / "lab", lab, ignore=shutil.ignore_patterns("hosts.yml"))
-    monkeypatch.setattr(labctl, "REPO", tmp_path)  # write_inventory and its admin key go under tmp_path
-    labctl.write_inventory(labctl.lab_hosts())
+    monkeypatch.setattr(labkit_lab.lab, "REPO", tmp_path)  # write_inventory, admin key: under tmp_path
+    labkit_lab.lab.write_inventory(labkit_lab.lab.lab_hosts())
     example = children(inventory_list(REPO / "inventory" / "example"))
     local = children(inventory_list(lab))
     assert example == local

@@ -1,26 +1,16 @@
-#!/usr/bin/env python3
-"""nfsvm: two Debian 12 VMs under QEMU (software emulation) for labkit's real-NFS scenario.
+"""Two Debian 12 VMs under QEMU (software emulation) for labkit's real-NFS scenario (front-end:
+tools/nfsvm.py; the scenario's checks and playbook: tests/nfs_vm).
 
 Containers in this sandbox cannot mount NFS (no kernel NFS for them), so `make test-nfs-vm` boots two
 small VMs with their own kernels: ``nfsvm-server`` (192.168.77.10) and ``nfsvm-client`` (192.168.77.20),
 joined by a private link (QEMU ``-netdev socket`` on loopback). Each VM has a second NIC on user-mode
 networking with ``restrict=on``: the host reaches its sshd through a loopback-only ``hostfwd``, and the VM
 reaches nothing but the host's apt proxy (one ``guestfwd`` to 127.0.0.1:3142, see relay.py).
-
-Sub-commands (the pytest scenario in test_nfs_vm.py uses the same functions):
-
-``image``  build (or reuse) the VM disk: debootstrap through the apt proxy, ``mkfs.ext4 -d`` (no loop
-           device, no mount), qcow2; cached under ``.lab/nfs-vm/images/<recipe hash>/``.
-``up``     boot both VMs on fresh copy-on-write overlays, wait for ssh, write ``.lab/nfs-vm/hosts.yml``.
-``converge`` run converge.yml (the lab's playbooks/nfs.yml and a directory stand-in) on the running VMs.
-``down``   power the VMs off (kill qemu after a grace period).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -36,24 +26,30 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+from labkit_lab.common import (
+    PACKAGE,
+    PROXY_PORT,
+    REPO,
+    SUITE,
+    bootstrap_rootfs,
+    host_debian_mirror,
+    image_packages,
+    recipe_digest,
+    ssh_keypair,
+)
+
+SCENARIO = REPO / "tests" / "nfs_vm"  # converge.yml and inventory-vars.yml: the scenario's own files
 STATE = REPO / ".lab" / "nfs-vm"
 IMAGES = STATE / "images"
 RUN = STATE / "run"
 KEY = STATE / "admin_ed25519"
 INVENTORY = STATE / "hosts.yml"
 FACTS = RUN / "facts"  # Ansible's fact cache for these VMs: fresh VMs, fresh facts
-SUITE = "bookworm"
-PROXY = ("127.0.0.1", int(os.environ.get("LABKIT_APT_PROXY_PORT", "3142")))
+PROXY = ("127.0.0.1", PROXY_PORT)
 PRIVATE_NET = "192.168.77.0/24"
 ADMIN = "labadmin"
 SSH_WAIT_S = float(os.environ.get("LABKIT_NFS_VM_SSH_WAIT", "420"))
 MEMORY_MB = int(os.environ.get("LABKIT_NFS_VM_MEMORY", "1024"))
-
-sys.path.insert(0, str(REPO / "tests" / "lab"))
-import labctl  # noqa: E402  (the lab's Debian mirror discovery: one rule for both)
-
 
 @dataclass(frozen=True)
 class VmSpec:
@@ -90,41 +86,21 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- image
-def recipe_files() -> list[Path]:
-    return [HERE / "image" / "packages.txt", HERE / "image" / "customize.sh"]
-
-
-def image_packages() -> list[str]:
-    text = (HERE / "image" / "packages.txt").read_text()
-    return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
-
-
 def admin_key() -> Path:
     """The scenario's own admin key pair (outside git); its public half is baked into the image."""
-    if not KEY.exists():
-        KEY.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{ADMIN}@nfs-vm", "-f", str(KEY)],
-            check=True,
-        )
-    return KEY
+    return ssh_keypair(KEY, f"{ADMIN}@nfs-vm")
 
 
 def recipe_hash(mirror: str) -> str:
-    digest = hashlib.sha256()
-    for path in recipe_files():
-        digest.update(path.read_bytes())
-    digest.update(SUITE.encode())
-    digest.update(mirror.encode())
-    digest.update(admin_key().with_suffix(".pub").read_bytes())
-    return digest.hexdigest()[:12]
+    return recipe_digest("vm", mirror, admin_key().with_suffix(".pub").read_text())
 
 
 def require_tools() -> None:
     tools = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4")
     missing = [tool for tool in tools if not shutil.which(tool)]
     if missing:
-        sys.exit(f"nfsvm: missing {', '.join(missing)}: run tests/nfs_vm/host-setup.sh (make test-nfs-vm)")
+        setup = "tools/labkit_lab/host-setup.sh nfs-vm"
+        sys.exit(f"nfsvm: missing {', '.join(missing)}: run {setup} (make test-nfs-vm does)")
 
 
 def proxy_up() -> bool:
@@ -136,36 +112,21 @@ def proxy_up() -> bool:
 def build_image(force: bool = False) -> Path:
     """Build (or reuse) the VM image; returns its directory (base.qcow2, vmlinuz, initrd.img)."""
     require_tools()
-    mirror = labctl.host_debian_mirror()
+    mirror = host_debian_mirror()
     target = IMAGES / recipe_hash(mirror)
     if (target / "base.qcow2").exists() and not force:
         log(f"image {target.relative_to(REPO)} is up to date")
         return target
     if not proxy_up():
-        sys.exit(f"nfsvm: no apt proxy on {PROXY[0]}:{PROXY[1]}: run `tests/lab/labctl.py infra` first")
+        sys.exit(f"nfsvm: no apt proxy on {PROXY[0]}:{PROXY[1]}: run `tools/labctl.py infra` first")
     IMAGES.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=IMAGES))
     rootfs = work / "rootfs"
     try:
         started = time.monotonic()
         log(f"debootstrap {SUITE} from {mirror} through the apt proxy (a few minutes the first time)")
-        env = dict(os.environ, http_proxy=f"http://{PROXY[0]}:{PROXY[1]}")
-        subprocess.run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(image_packages())}",
-                SUITE,
-                str(rootfs),
-                mirror,
-            ],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
         pubkey = admin_key().with_suffix(".pub")
-        customize = HERE / "image" / "customize.sh"
-        subprocess.run(["bash", str(customize), str(rootfs), mirror, SUITE, str(pubkey)], check=True)
+        bootstrap_rootfs("vm", rootfs, mirror, str(pubkey), http_proxy=f"http://{PROXY[0]}:{PROXY[1]}")
         kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
         initrds = sorted((rootfs / "boot").glob("initrd.img-*"))
         if len(kernels) != 1 or len(initrds) != 1:
@@ -181,7 +142,7 @@ def build_image(force: bool = False) -> Path:
         raw.unlink()
         shutil.rmtree(rootfs)
         (work / "recipe.json").write_text(
-            json.dumps({"suite": SUITE, "mirror": mirror, "packages": image_packages()}, indent=2)
+            json.dumps({"suite": SUITE, "mirror": mirror, "packages": image_packages("vm")}, indent=2)
         )
         if target.exists():
             shutil.rmtree(target)
@@ -210,7 +171,7 @@ def listening(port: int) -> bool:
 
 
 def qemu_command(vm: VmSpec, image: Path, disk: Path, ssh_port: int, link: str, serial: Path) -> list[str]:
-    relay = f"cmd:{sys.executable} {HERE / 'relay.py'} {PROXY[0]} {PROXY[1]}"
+    relay = f"cmd:{sys.executable} {PACKAGE / 'relay.py'} {PROXY[0]} {PROXY[1]}"
     usernet = (
         f"user,id=wan,restrict=on,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{ssh_port}-:22,"
         f"guestfwd=tcp:10.0.2.100:3142-{relay}"
@@ -334,7 +295,7 @@ def write_inventory(vms: list[RunningVm]) -> Path:
             },
             "children": groups,
             "vars": {
-                **yaml.safe_load((HERE / "inventory-vars.yml").read_text()),
+                **yaml.safe_load((SCENARIO / "inventory-vars.yml").read_text()),
                 "ansible_user": ADMIN,
                 "ansible_ssh_private_key_file": str(KEY),
                 "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
@@ -343,7 +304,7 @@ def write_inventory(vms: list[RunningVm]) -> Path:
             },
         }
     }
-    header = "# Written by tests/nfs_vm/nfsvm.py up; do not edit.\n---\n"
+    header = "# Written by tools/nfsvm.py up; do not edit.\n---\n"
     INVENTORY.write_text(header + yaml.safe_dump(inventory, sort_keys=False))
     return INVENTORY
 
@@ -377,7 +338,7 @@ def up(image: Path | None = None) -> list[RunningVm]:
 
 
 def run_playbook(
-    playbook: Path = HERE / "converge.yml", timeout: float = 1800, echo: bool = False
+    playbook: Path = SCENARIO / "converge.yml", timeout: float = 1800, echo: bool = False
 ) -> tuple[int, str]:
     """ansible-playbook on the VMs (the repository's ansible.cfg; facts cached per boot): rc and output,
     also printed line by line as it comes when `echo` (the CLI; pytest shows it with -s)."""
@@ -440,28 +401,3 @@ def down(quiet: bool = False, grace: float = 60.0) -> None:
         (RUN / f"{path.name}.json").unlink(missing_ok=True)
         (RUN / f"{path.name}.qcow2").unlink(missing_ok=True)
     INVENTORY.unlink(missing_ok=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nfsvm", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    img = sub.add_parser("image", help="build or reuse the VM image")
-    img.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
-    sub.add_parser("up", help="boot both VMs and write .lab/nfs-vm/hosts.yml")
-    sub.add_parser("converge", help="run converge.yml on the running VMs")
-    sub.add_parser("down", help="power the VMs off")
-    args = parser.parse_args(argv)
-    if args.command == "image":
-        print(build_image(force=args.force))
-    elif args.command == "up":
-        up()
-    elif args.command == "converge":
-        rc, _output = run_playbook(echo=True)
-        return rc
-    elif args.command == "down":
-        down()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

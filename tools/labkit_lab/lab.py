@@ -1,28 +1,16 @@
-#!/usr/bin/env python3
-"""labctl: the local lab of real systemd hosts that labkit is tested in.
-
-Sub-commands (``make lab`` and friends call these):
-
-``image``   build the node image once: debootstrap Debian 12 with systemd and python3, ``docker import``.
-            The tag carries a hash of the recipe, so the image is rebuilt only when the recipe changes.
-``infra``   the lab's private Docker network and a caching apt proxy (apt-cacher-ng) listening only on
-            loopback and the lab network's gateway.
-``up``      image + infra + the lab's hosts (containers booting systemd) + ``inventory/lab/hosts.yml``.
-``status``  what runs where and how to reach it.
-``down``    remove the hosts and the network (the image and the apt cache stay for the next run).
+"""The local lab (front-end: tools/labctl.py): real systemd hosts in Docker containers on a private
+network, a caching apt proxy on this machine, the node image and the lab's service images.
 
 Everything the lab downloads comes from ``LABKIT_DEBIAN_MIRROR`` (default: the first Debian mirror in this
-machine's own apt sources), so the same script works behind a proxy or with a local mirror.
+machine's own apt sources), so the same code works behind a proxy or with a local mirror.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,15 +21,22 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+from labkit_lab.common import (
+    PACKAGE,
+    PROXY_PORT,
+    REPO,
+    SUITE,
+    bootstrap_rootfs,
+    host_debian_mirror,
+    recipe_digest,
+    ssh_keypair,
+)
+
 CACHE = Path(os.environ.get("LABKIT_CACHE", "/var/cache/labkit"))
 IMAGE_REPO = "labkit/node"
 IMAGE_ALIAS = f"{IMAGE_REPO}:debian12"
-SUITE = "bookworm"
 NETWORK = os.environ.get("LABKIT_LAB_NETWORK", "labkit-lab")
 SUBNET = os.environ.get("LABKIT_LAB_SUBNET", "172.30.57.0/24")
-PROXY_PORT = int(os.environ.get("LABKIT_APT_PROXY_PORT", "3142"))
 ACNG_DIR = CACHE / "apt-cacher-ng"
 LAB_LABEL = "labkit.lab"
 
@@ -125,39 +120,8 @@ def docker_client() -> Any:
 
 
 # --------------------------------------------------------------------------- image
-def host_debian_mirror() -> str:
-    """The first Debian mirror in this machine's apt sources (deb822 or one-line format)."""
-    env = os.environ.get("LABKIT_DEBIAN_MIRROR")
-    if env:
-        return env.rstrip("/")
-    candidates: list[str] = []
-    sources = Path("/etc/apt/sources.list.d")
-    for path in sorted(sources.glob("*.sources")):
-        candidates += re.findall(r"^URIs:\s*(\S+)", path.read_text(), flags=re.M)
-    legacy = Path("/etc/apt/sources.list")
-    if legacy.exists():
-        candidates += re.findall(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)", legacy.read_text(), flags=re.M)
-    for uri in candidates:
-        if uri.rstrip("/").endswith("/debian"):
-            return uri.rstrip("/")
-    sys.exit("labctl: no Debian mirror found in /etc/apt; set LABKIT_DEBIAN_MIRROR")
-
-
-def recipe_files() -> list[Path]:
-    return [HERE / "image" / "packages.txt", HERE / "image" / "customize.sh"]
-
-
-def image_packages() -> list[str]:
-    text = (HERE / "image" / "packages.txt").read_text()
-    return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
-
-
 def image_tag() -> str:
-    digest = hashlib.sha256()
-    for path in recipe_files():
-        digest.update(path.read_bytes())
-    digest.update(SUITE.encode())
-    return f"{IMAGE_REPO}:debian12-{digest.hexdigest()[:12]}"
+    return f"{IMAGE_REPO}:debian12-{recipe_digest('container')}"
 
 
 def build_image(force: bool = False) -> str:
@@ -174,19 +138,7 @@ def build_image(force: bool = False) -> str:
         shutil.rmtree(rootfs)
     CACHE.mkdir(parents=True, exist_ok=True)
     log(f"debootstrap {SUITE} from {mirror} (about a minute)")
-    subprocess.run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={','.join(image_packages())}",
-            SUITE,
-            str(rootfs),
-            mirror,
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    subprocess.run(["bash", str(HERE / "image" / "customize.sh"), str(rootfs), mirror, SUITE], check=True)
+    bootstrap_rootfs("container", rootfs, mirror)
     log(f"docker import -> {tag}")
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
     changes = ['CMD ["/sbin/init"]', "ENV container=docker"]  # stop signal: set at run time
@@ -200,7 +152,7 @@ def build_image(force: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------- service images
-IMAGES_DIR = HERE / "images"
+IMAGES_DIR = PACKAGE / "service-images"
 ARCHIVE_DIR = REPO / ".lab" / "images"
 SHARED_SCRATCH = REPO / ".lab" / "scratch"  # the GPU nodes' /srv/scratch (LabHost.shares_scratch)
 
@@ -394,14 +346,7 @@ def wait_for_systemd(container: Any, timeout: float = 120.0) -> str:
 
 def admin_key() -> Path:
     """The lab admin's SSH key pair (made once, outside git); its public half goes into the inventory."""
-    key = REPO / ".lab" / "admin_ed25519"
-    if not key.exists():
-        key.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "labadmin@labkit-lab", "-f", str(key)],
-            check=True,
-        )
-    return key
+    return ssh_keypair(REPO / ".lab" / "admin_ed25519", "labadmin@labkit-lab")
 
 
 def write_inventory(hosts: list[LabHost]) -> Path:
@@ -424,7 +369,7 @@ def write_inventory(hosts: list[LabHost]) -> Path:
         }
     }
     path = REPO / "inventory" / "lab" / "hosts.yml"
-    header = "# Written by `make lab` (tests/lab/labctl.py); do not edit.\n---\n"
+    header = "# Written by `make lab` (tools/labctl.py); do not edit.\n---\n"
     path.write_text(header + yaml.safe_dump(inventory, sort_keys=False))
     return path
 
@@ -481,29 +426,21 @@ def status(as_json: bool = False) -> None:
     )
 
 
-# Services labkit's roles may start; `status` lists those active on each host.
-WATCHED_SERVICES = (
-    "ssh",
-    "chrony",
-    "slapd",
-    "sssd",
-    "postfix",
-    "docker",
-    "prometheus",
-    "prometheus-alertmanager",
-    "prometheus-node-exporter",
-    "labqd",
-    "munge",
-    "slurmctld",
-    "slurmdbd",
-    "slurmd",
-)
+# Services labkit's roles start; `status` lists those active on each host (rebuild-node.yml's health
+# summary reads the same file).
+WATCHED_SERVICES_FILE = PACKAGE / "watched-services.yml"
+
+
+def watched_services() -> list[str]:
+    services: list[str] = yaml.safe_load(WATCHED_SERVICES_FILE.read_text())["labkit_watched_services"]
+    return services
 
 
 def running_services(container: Any) -> list[str]:
-    _, out = container.exec_run(["systemctl", "is-active", *WATCHED_SERVICES])
+    watched = watched_services()
+    _, out = container.exec_run(["systemctl", "is-active", *watched])
     states = out.decode().split()
-    return [svc for svc, state in zip(WATCHED_SERVICES, states, strict=False) if state == "active"]
+    return [svc for svc, state in zip(watched, states, strict=False) if state == "active"]
 
 
 def slurm_cgroups(names: list[str], root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
@@ -577,43 +514,3 @@ def down() -> None:
     inventory = REPO / "inventory" / "lab" / "hosts.yml"
     inventory.unlink(missing_ok=True)
     shutil.rmtree(SHARED_SCRATCH, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="labctl", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    img = sub.add_parser("image", help="build or reuse the node image")
-    img.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
-    sub.add_parser("infra", help="lab network and apt proxy")
-    sub.add_parser(
-        "images", help="build the lab's service images (Prometheus, Alertmanager, cAdvisor) and archives"
-    )
-    sub.add_parser("up", help="start the lab's hosts and write inventory/lab/hosts.yml")
-    st = sub.add_parser("status", help="what runs where")
-    st.add_argument("--json", action="store_true")
-    sub.add_parser("down", help="remove the lab (keeps the image and the apt cache)")
-    sub.add_parser("job-image", help=f"load the lab's job image ({JOB_IMAGE}) into the GPU nodes' Docker")
-    sub.add_parser("proxy-url", help="print the apt proxy URL lab hosts use")
-    args = parser.parse_args(argv)
-    if args.command == "image":
-        print(build_image(force=args.force))
-    elif args.command == "infra":
-        infra()
-    elif args.command == "images":
-        infra()
-        build_service_images()
-    elif args.command == "up":
-        up()
-    elif args.command == "status":
-        status(as_json=args.json)
-    elif args.command == "down":
-        down()
-    elif args.command == "job-image":
-        job_image()
-    elif args.command == "proxy-url":
-        print(apt_proxy_url())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,11 @@
-"""labctl down removes what slurmd left in this machine's cgroup tree: the lab's nodes share it
+"""`labctl down` removes what slurmd left in this machine's cgroup tree: the lab's nodes share it
 (cgroupns=host), so their job cgroups sit at its root as slurm_<NodeName> and outlive the containers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import labctl
+from labkit_lab import lab
 
 
 def _tree(root: Path, *dirs: str) -> None:
@@ -22,7 +22,7 @@ def test_finds_the_named_nodes_cgroups_in_v1_and_v2_deepest_first(tmp_path: Path
         "memory/slurm_other/uid_1",  # a node of something else on the machine
         "memory/docker/abc",
     )
-    found = labctl.slurm_cgroups(["gpu01", "gpu02"], root=tmp_path)
+    found = lab.slurm_cgroups(["gpu01", "gpu02"], root=tmp_path)
     rel = [str(p.relative_to(tmp_path)) for p in found]
     assert set(rel) == {
         "memory/slurm_gpu01",
@@ -40,9 +40,9 @@ def test_finds_the_named_nodes_cgroups_in_v1_and_v2_deepest_first(tmp_path: Path
 
 def test_remove_leaves_other_cgroups(tmp_path: Path, monkeypatch) -> None:
     _tree(tmp_path, "memory/slurm_gpu01/uid_1/job_2", "memory/slurm_gpu03/uid_1", "memory/docker/x")
-    real = labctl.slurm_cgroups
-    monkeypatch.setattr(labctl, "slurm_cgroups", lambda names: real(names, root=tmp_path))
-    labctl.remove_slurm_cgroups(["gpu01"])
+    real = lab.slurm_cgroups
+    monkeypatch.setattr(lab, "slurm_cgroups", lambda names: real(names, root=tmp_path))
+    lab.remove_slurm_cgroups(["gpu01"])
     assert not (tmp_path / "memory/slurm_gpu01").exists()
     assert (tmp_path / "memory/slurm_gpu03/uid_1").is_dir()
     assert (tmp_path / "memory/docker/x").is_dir()
