@@ -16,7 +16,7 @@ export LABKIT_ROOT := $(ROOT)
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 
 .PHONY: help host venv lab lab-image lab-infra lab-up lab-converge lab-status lab-down \
-        test quick lint unit promtool-test pytest-docker e2e e2e-workflows lab-job-image checks-then-molecule molecule molecule-% test-nfs-vm bench gpu-check clean
+        test quick lint unit promtool-test pytest-docker e2e e2e-workflows e2e-dry-run lab-job-image checks-then-molecule molecule molecule-% test-nfs-vm bench gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -103,10 +103,13 @@ pytest-docker: host venv ## tests that drive a real Docker engine (labqd, export
 	pytest -m "docker and not lab"
 
 e2e: lab ## end-to-end checks against the converged lab (the 25 slowest listed at the end)
-	pytest -m "lab and not workflow" --durations=25
+	pytest -m "lab and not workflow and not dryrun" --durations=25
 
 e2e-workflows: lab ## not in `make test`: the students' experiment workflows in the lab (about 15 min)
 	pytest -m "lab and workflow" --durations=10
+
+e2e-dry-run: lab ## not in `make test`: site.yml and rebuild-node.yml in check mode on the converged lab (about 12 min)
+	pytest -m "lab and dryrun" --durations=0
 
 MOLECULE_JOBS ?= 2
 molecule: lab-infra ## every role's molecule scenario (converge, idempotence, verify), MOLECULE_JOBS at once
