@@ -22,11 +22,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "lab"))
+
+from lab_helpers import PlaybookRun  # noqa: E402  (the lab tests' recap parser)
+
 LABCTL = [sys.executable, str(REPO / "tools" / "labctl.py")]
 GOAL = 5.0
 TASK_HEADER = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(.+?)\] \*+$")
 PREVIOUS_TASK_TIME = re.compile(r"\((\d+):(\d+):(\d+(?:\.\d+)?)\)\s+\d+:\d+:\d+")
-RECAP = re.compile(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
 
 
 def converge() -> tuple[float, str]:
@@ -43,7 +46,8 @@ def converge() -> tuple[float, str]:
 
 
 def changed_hosts(output: str) -> dict[str, int]:
-    return {host: int(changed) for host, changed, _, _ in RECAP.findall(output) if int(changed)}
+    recap = PlaybookRun(0, output).recap()
+    return {host: counts["changed"] for host, counts in recap.items() if counts["changed"]}
 
 
 def seconds_per_role(output: str) -> list[tuple[str, int, float]]:
