@@ -10,7 +10,8 @@ from mon_helpers import REPO, RUNBOOKS_DIR, alerting_rules
 
 # The rules rendered with a runbook base URL of our own: every link is <base>/<AlertName>.md.
 RUNBOOK_BASE = "https://runbooks.test/docs/runbooks/"
-SECTIONS = ("What it means", "How to check", "What to do", "When to escalate")
+# In this order: what to check comes first (tests/unit/test_runbook_blocks.py checks every runbook's shape).
+SECTIONS = ("Check first", "What it means", "What to do", "When to escalate")
 
 RULES = alerting_rules({"monitoring_server_runbook_base_url": RUNBOOK_BASE.rstrip("/")})
 ALERTS = sorted({r["alert"] for r in RULES})
@@ -40,7 +41,9 @@ def test_runbook_exists_and_says_what_to_do(alert: str) -> None:
     found = sections(text)
     for title in SECTIONS:
         assert len(found.get(title, "")) > 40, f"{path.name}: section '{title}' missing or empty"
-    assert "```" in found["How to check"], f"{path.name}: give the exact commands to check"
+    in_order = [title for title in found if title in SECTIONS]
+    assert in_order == list(SECTIONS), f"{path.name}: sections {in_order}, not in the order {SECTIONS}"
+    assert "```" in found["Check first"], f"{path.name}: give the exact commands to check"
 
 
 def test_no_runbook_without_alert() -> None:

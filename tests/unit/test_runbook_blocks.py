@@ -1,7 +1,7 @@
 """The runbooks' lab-safe markers (tests/lab/runbook_blocks.py): the parser on samples, and every marked
 block of docs/runbooks runs on a host of the lab, as a user the lab has, with no placeholder left and no
 command that changes anything. tests/lab/test_lab_runbooks.py runs the blocks in the lab; this runs
-without it. Also the runbooks' shape: what to check comes first, and each says when to escalate."""
+without it. Also the runbooks' shape: each starts with Check first and says when to escalate."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 
 import pytest
 import yaml
+from mon_helpers import alerting_rules
 from runbook_blocks import REPO, RUNBOOKS, Block, MarkerError, all_blocks, blocks_in
 
 SAMPLE = """\
@@ -150,14 +151,27 @@ def titles(path: str) -> list[str]:
     return re.findall(r"^## +(.+?)\s*$", (RUNBOOKS / path).read_text(), flags=re.MULTILINE)
 
 
+# An alert's runbook is named like its alert (tests/monitoring/test_runbooks.py: the CamelCase pages are
+# exactly the alerts of the rules in monitoring/prometheus/rules).
+ALERTS = {rule["alert"] for rule in alerting_rules()}
+
+
 @pytest.mark.parametrize("path", sorted(p.name for p in RUNBOOKS.glob("*.md")))
 def test_runbook_starts_with_what_to_check_and_says_when_to_escalate(path: str) -> None:
-    """Alert runbooks: what the alert means (a few lines), then How to check; task runbooks: Check first.
-    Pages without sections only point to the alert runbook that has the procedure."""
+    """Every runbook with sections starts with Check first, each section once. An alert's runbook then says
+    What it means and What to do, and ends with When to escalate; a task's has When to escalate too (a
+    restore may keep the record of a run after it). Pages without sections are task pages that only
+    point to the alert runbook that has the procedure."""
     found = titles(path)
+    alert = path.removesuffix(".md") in ALERTS
     if not found:
+        assert not alert, f"{path}: an alert's runbook needs its sections"
         assert "This procedure is one page with its alert" in (RUNBOOKS / path).read_text(), path
         return
-    first = found[1] if found[0] == "What it means" else found[0]
-    assert first in ("How to check", "Check first"), f"{path}: starts with '{first}', not with what to check"
+    assert found[0] == "Check first", f"{path}: starts with '{found[0]}', not with 'Check first'"
+    assert len(found) == len(set(found)), f"{path}: a section twice in {found}"
     assert "When to escalate" in found, f"{path}: no section 'When to escalate'"
+    if alert:
+        assert found[:3] == ["Check first", "What it means", "What to do"], (
+            f"{path}: sections {found[:3]}, not Check first, What it means, What to do")
+        assert found[-1] == "When to escalate", f"{path}: ends with '{found[-1]}', not 'When to escalate'"
