@@ -22,6 +22,9 @@ RECAP = re.compile(
 )
 
 
+TASK_RESULT = re.compile(r"^(?P<status>ok|changed|skipping|fatal|failed): \[(?P<host>[^\]\s]+)")
+
+
 @dataclass
 class PlaybookRun:
     rc: int
@@ -34,6 +37,20 @@ class PlaybookRun:
         for host, counts in recap.items():
             assert counts["changed"] == 0, f"{host} changed on a second run:\n{self.output[-4000:]}"
             assert counts["failed"] == 0, f"{host} failed:\n{self.output[-4000:]}"
+
+    def task_results(self, task: str) -> list[dict[str, str]]:
+        """Each time the task named `task` ("role : name") ran: every host's result (ok, changed, skipping,
+        fatal, failed), in the order the run printed them."""
+        runs: list[dict[str, str]] = []
+        current: dict[str, str] | None = None
+        for line in self.output.splitlines():
+            if line.startswith(("TASK [", "RUNNING HANDLER [", "PLAY [")):
+                current = {} if line.startswith(f"TASK [{task}]") else None
+                if current is not None:
+                    runs.append(current)
+            elif current is not None and (m := TASK_RESULT.match(line)):
+                current.setdefault(m["host"], m["status"])
+        return runs
 
     def recap(self) -> dict[str, dict[str, int]]:
         return {
