@@ -23,6 +23,7 @@ RECAP = re.compile(
 
 
 TASK_RESULT = re.compile(r"^(?P<status>ok|changed|skipping|fatal|failed): \[(?P<host>[^\]\s]+)")
+INCLUDED = re.compile(r"^included: \S+ for (?P<hosts>.+)$")
 
 
 @dataclass
@@ -40,7 +41,7 @@ class PlaybookRun:
 
     def task_results(self, task: str) -> list[dict[str, str]]:
         """Each time the task named `task` ("role : name") ran: every host's result (ok, changed, skipping,
-        fatal, failed), in the order the run printed them."""
+        fatal, failed, or included for an include), in the order the run printed them."""
         runs: list[dict[str, str]] = []
         current: dict[str, str] | None = None
         for line in self.output.splitlines():
@@ -50,6 +51,9 @@ class PlaybookRun:
                     runs.append(current)
             elif current is not None and (m := TASK_RESULT.match(line)):
                 current.setdefault(m["host"], m["status"])
+            elif current is not None and (m := INCLUDED.match(line)):
+                for host in m["hosts"].split(", "):
+                    current.setdefault(host, "included")
         return runs
 
     def recap(self) -> dict[str, dict[str, int]]:
