@@ -22,6 +22,10 @@ RECAP = re.compile(
 )
 
 
+TASK_RESULT = re.compile(r"^(?P<status>ok|changed|skipping|fatal|failed): \[(?P<host>[^\]\s]+)")
+INCLUDED = re.compile(r"^included: \S+ for (?P<hosts>.+)$")
+
+
 @dataclass
 class PlaybookRun:
     rc: int
@@ -34,6 +38,23 @@ class PlaybookRun:
         for host, counts in recap.items():
             assert counts["changed"] == 0, f"{host} changed on a second run:\n{self.output[-4000:]}"
             assert counts["failed"] == 0, f"{host} failed:\n{self.output[-4000:]}"
+
+    def task_results(self, task: str) -> list[dict[str, str]]:
+        """Each time the task named `task` ("role : name") ran: every host's result (ok, changed, skipping,
+        fatal, failed, or included for an include), in the order the run printed them."""
+        runs: list[dict[str, str]] = []
+        current: dict[str, str] | None = None
+        for line in self.output.splitlines():
+            if line.startswith(("TASK [", "RUNNING HANDLER [", "PLAY [")):
+                current = {} if line.startswith(f"TASK [{task}]") else None
+                if current is not None:
+                    runs.append(current)
+            elif current is not None and (m := TASK_RESULT.match(line)):
+                current.setdefault(m["host"], m["status"])
+            elif current is not None and (m := INCLUDED.match(line)):
+                for host in m["hosts"].split(", "):
+                    current.setdefault(host, "included")
+        return runs
 
     def recap(self) -> dict[str, dict[str, int]]:
         return {

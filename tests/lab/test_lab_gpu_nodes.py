@@ -60,6 +60,33 @@ def test_only_the_listed_admin_may_use_the_engine(second_run, lab, host_exec):
     assert other.returncode != 0 and "permission denied" in other.stderr
 
 
+TWICE = """---
+- name: The engine, as gpu_nodes.yml applies it
+  hosts: gpu01
+  become: true
+  roles: [docker]
+
+- name: The engine again in the same run, as job_queue.yml and monitoring.yml apply it
+  hosts: gpu01
+  become: true
+  roles: [docker]
+"""
+
+
+def test_docker_role_does_its_work_once_per_host_in_a_run(second_run, tmp_path):
+    play = tmp_path / "twice.yml"
+    play.write_text(TWICE)
+    run = run_playbook(str(play))
+    assert run.rc == 0, run.output[-4000:]
+    assert run.task_results("docker : Check, install and configure the engine (once per host in a run)") == [
+        {"gpu01": "included"},
+        {"gpu01": "skipping"},
+    ], run.output[-4000:]
+    checked = run.task_results("docker : Ask dockerd whether it can check a configuration file")
+    assert checked == [{"gpu01": "ok"}], run.output[-4000:]
+    run.assert_changed_nothing({"gpu01"})
+
+
 def test_docker_group_is_exactly_the_admin_list(second_run, host_exec):
     host_exec("gpu01", "useradd", "--no-create-home", "labkit-intruder")
     try:
