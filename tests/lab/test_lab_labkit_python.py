@@ -3,8 +3,8 @@
 Two runs at once from one controller (two admins, or CI's molecule scenarios side by side): each builds in a
 directory of its own, one of them keeps its build in the cache, and neither deletes or half-writes the
 other's source tree, wheel or wheelhouse. A run that fails while building leaves neither its directory nor
-a cache entry. The cache follows the commit: the same tree is not built again, a changed one is, and the
-node then runs the changed code.
+a cache entry. The cache follows the commit: a commit that leaves the wheel's files as they were is not
+built again, one that changes the Python is, and the node then runs the changed code.
 """
 
 from __future__ import annotations
@@ -112,21 +112,23 @@ def test_the_cache_follows_the_commit(play, host_exec, tmp_path):
         return run
 
     assert built(converge(), "gpu01")
-    # A commit with the same tree: nothing to build, nothing changes on the node.
-    git(source, "commit", "--quiet", "--allow-empty", "-m", "same tree")
+    # A commit that changes only docs: the wheel's files are the same, nothing to build, nothing changes.
+    readme = source / "docs" / "README.md"
+    readme.write_text(readme.read_text() + "\nA line only the docs have.\n")
+    git(source, "commit", "--quiet", "--all", "-m", "docs only")
     second = converge()
     assert not built(second, "gpu01")
     assert second.recap()["gpu01"]["changed"] == 0, second.output[-4000:]
     assert len(cache_entries(build)) == 1
     # Changed code: built again, and the node runs it.
     init = source / "job_queue" / "__init__.py"
-    init.write_text(init.read_text() + '\nLABKIT_CACHE_TEST = "changed tree"\n')
-    git(source, "commit", "--quiet", "--all", "-m", "changed tree")
+    init.write_text(init.read_text() + '\nLABKIT_CACHE_TEST = "changed code"\n')
+    git(source, "commit", "--quiet", "--all", "-m", "changed code")
     third = converge()
     assert built(third, "gpu01")
     assert third.recap()["gpu01"]["changed"] > 0
     out = host_exec(
         "gpu01", f"{BASE}/venv/bin/python", "-c", "import job_queue; print(job_queue.LABKIT_CACHE_TEST)"
     )
-    assert out.stdout.strip() == "changed tree", out.stderr
+    assert out.stdout.strip() == "changed code", out.stderr
     assert len(cache_entries(build)) == 2

@@ -1,7 +1,8 @@
 """The Python packaging scheme of docs/development.md ("Python packages"): one distribution named labkit;
 one import package per component, in the component's folder, listed in the docs' table with its commands;
 commands people type are labq*, the others labkit-*; job_queue never imports labkit_exporters, and the
-wheel's packages import nothing from tools/ or tests/."""
+wheel's packages import nothing from tools/ or tests/. And role labkit_python's build cache is keyed on
+every path the wheel is made of."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import ast
 import re
 import tomllib
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -70,6 +73,17 @@ def imports(folder: Path) -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
     return names
+
+
+def test_labkit_python_keys_its_build_cache_on_everything_the_wheel_is_made_of() -> None:
+    """Role labkit_python names a cached build by these paths' git objects: a package outside them would be
+    deployed stale from the cache after it changed."""
+    role_vars = yaml.safe_load((REPO / "roles" / "labkit_python" / "vars" / "main.yml").read_text())
+    paths = role_vars["_labkit_python_wheel_paths"]
+    assert "pyproject.toml" in paths
+    for name, folder in packages().items():
+        relative = folder.relative_to(REPO)
+        assert any(relative.is_relative_to(p) for p in paths), f"{name} ({relative}) is not in {paths}"
 
 
 def test_which_package_imports_which() -> None:
