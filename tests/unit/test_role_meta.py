@@ -26,5 +26,5 @@ def test_roles_that_need_this_repository_say_so(role: Path) -> None:
     installs_labkit = re.search(r"name: labkit_python\n(?!\s+tasks_from: pinned_wheels\n)", tasks) is not None
     if installs_labkit or role.name == "labkit_python":
         assert "works only from the labkit repository" in info["description"], role.name
-    elif "labkit_python" in tasks:  # only its `pinned_wheels` entry point: sends wheels, installs no labkit wheel
+    elif "labkit_python" in tasks:  # only its `pinned_wheels` entry point: no labkit wheel
         assert "needs role labkit_python beside it" in info["description"], role.name
