@@ -81,7 +81,7 @@ def test_a_run_that_fails_while_building_leaves_nothing(play, host_exec, tmp_pat
     run = run_playbook(str(play), "-l", "gpu01", "-e", extra)
     assert run.rc != 0, run.output[-4000:]
     # The two pins of nvidia-ml-py cannot both hold: pip download refuses, after the wheel was built.
-    assert run.task_results("labkit_python : Download the dependency wheels on the controller") == [
+    assert run.task_results("labkit_python : Download the wheels on the controller") == [
         {"gpu01": "fatal"}
     ], run.output[-4000:]
     assert "conflicting dependencies" in run.output
